@@ -1,0 +1,76 @@
+"""The one kernel contract every backend implements.
+
+``fused_step`` updates, in place and in one call, every parameter tensor of an optimizer and every
+constraint block's multipliers. All backends take exactly these arguments; the reference backend
+(``backends/reference.py``) defines what they mean and the tests hold every fast backend to it.
+
+Primal side, one entry per parameter tensor ``i`` (lists aligned with ``params``):
+
+    params[i], grads[i]     parameter and its gradient (fp32, fp16 or bf16; math in fp32)
+    exp_avgs[i]             Adam: first moment.  SGD: momentum buffer (numel 0 when momentum == 0)
+    exp_avg_sqs[i]          Adam: second moment. SGD: the list is empty
+    max_exp_avg_sqs[i]      Adam: running max of the second moment (numel 0 without amsgrad). SGD: empty
+    steps[i]                Adam: 0-dim float32 step count, incremented by the call. SGD: empty
+    primal_hparams          flat, PRIMAL_HPARAMS floats per tensor: lr, beta1|momentum,
+                            beta2|dampening, eps, weight_decay
+    primal_flags            one int per tensor, a bitmask of the PrimalFlag bits
+    algorithm               Algorithm.SGD or Algorithm.ADAM
+
+Dual side, one entry per constraint block ``j`` with K_j constraints:
+
+    multipliers[j]          (K_j,) fp32 multipliers
+    dual_states[j]          (K_j,) fp32 nuPI smoothed error xi (numel 0 for plain ascent)
+    ids[j]                  (B_j,) int64 constraint id of each pending sample, duplicates allowed
+    violations[j]           (B_j,) fp32 per-sample violation e_i = s * (v_i - bound), already signed
+    dual_hparams            flat, DUAL_HPARAMS floats per block: lr, kp, ki, nu, damping, lower, upper
+    dual_flags              one int per block, a bitmask of the DualFlag bits
+
+For each block, only the constraints k that occur in ids[j] ("touched") change:
+
+    g_k  = sum of e_i over samples with id k            (MEAN flag: divided by their count)
+    frozen (FROZEN flag): nothing below is applied, g_k only feeds the statistics
+    nuPI (NUPI flag):  xi_new = nu * xi_k + (1 - nu) * g_k
+                       d_k    = ki * g_k + kp * (xi_new - xi_k);   xi_k <- xi_new
+    ascent:            d_k    = g_k
+    lambda_k <- clamp(lambda_k + lr * (d_k - damping * lambda_k), lower, upper)
+    RESTART flag and g_k <= 0:  lambda_k <- 0
+
+nuPI starts from xi = 0 (Cooper's ``nuPIInitType.ZEROS``), so its first step is ascent with rate
+lr * (ki + kp * (1 - nu)).  Untouched constraints and their state stay bitwise unchanged.
+
+``grad_scale`` (optional 1-element fp32) divides the primal gradients; ``found_inf`` (optional
+1-element fp32) nonzero skips the whole call: no parameter, state, step or multiplier changes.
+
+Returns a (num_blocks, 3) fp32 tensor of statistics over the touched constraints of each block:
+number touched, max violation measure, number with a positive measure, where the measure is
+max(g_k, 0) for inequality blocks (lower == 0) and |g_k| for equality blocks.
+"""
+
+from __future__ import annotations
+
+import enum
+
+PRIMAL_HPARAMS = 5
+DUAL_HPARAMS = 7
+STATS_COLUMNS = 3
+
+
+class Algorithm(enum.IntEnum):
+    SGD = 0
+    ADAM = 1
+
+
+class PrimalFlag(enum.IntFlag):
+    AMSGRAD = 1
+    MAXIMIZE = 2
+    NESTEROV = 4
+    DECOUPLED_WEIGHT_DECAY = 8
+    # SGD's momentum buffer is seeded with the first gradient, as torch.optim.SGD does.
+    FIRST_MOMENTUM_STEP = 16
+
+
+class DualFlag(enum.IntFlag):
+    MEAN = 1
+    NUPI = 2
+    RESTART = 4
+    FROZEN = 8

@@ -1,0 +1,33 @@
+"""The Lagrangian term of a constraint block: sum_i w_i * lambda[c(i)] * e_i.
+
+Forward gathers one multiplier per sample; backward gives d/de_i = w_i * lambda[c(i)].  Nothing else
+of the graph is touched, so the term composes with any model, and its cost is O(batch) whatever the
+number of constraints.  The multipliers are constants of the primal problem: no gradient flows to them.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+class _LagrangianTerm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, violations: Tensor, ids: Tensor, multipliers: Tensor, weights: Optional[Tensor]):
+        coefficients = multipliers.detach()[ids].to(violations.dtype)
+        if weights is not None:
+            coefficients = coefficients * weights
+        ctx.save_for_backward(coefficients)
+        return (coefficients * violations).sum()
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        (coefficients,) = ctx.saved_tensors
+        return grad_output * coefficients, None, None, None
+
+
+def lagrangian_term(violations: Tensor, ids: Tensor, multipliers: Tensor, weights: Optional[Tensor] = None) -> Tensor:
+    """``sum_i weights_i * multipliers[ids_i] * violations_i``; differentiable in ``violations`` only."""
+    return _LagrangianTerm.apply(violations, ids, multipliers, weights)

@@ -1,0 +1,288 @@
+r"""Drop-in constrained optimizers: LagrangianSGD, LagrangianAdam, LagrangianAdamW.
+
+With no constraint block they are torch.optim.SGD / Adam / AdamW.  Each constraint block registered
+with ``add_constraint`` adds multipliers :math:`\lambda` that ``step()`` moves in the same call as the
+parameters:
+
+.. math::
+    \theta_{t+1} &= \text{primal}(\theta_t, \nabla_\theta [f + \textstyle\sum_b \text{term}_b(\lambda_t)]) \\
+    \lambda_{t+1} &= \text{proj}(\lambda_t + \eta_\lambda\, \hat g_t) \quad \text{(touched constraints only)}
+
+The classes only gather tensors and hyperparameters into ``contract.py``'s layout; the computation is
+the backend's ``fused_step``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import Tensor
+
+from . import backends
+from .constraints import ConstraintBlock, ConstraintSpec
+from .contract import Algorithm, PrimalFlag
+from .functional import fused_step
+
+
+def _as_float(value) -> float:
+    # A tensor lr (updated in place by a scheduler) is read at every step, never cached.
+    return float(value.item()) if isinstance(value, Tensor) else float(value)
+
+
+class LagrangianOptimizer(torch.optim.Optimizer):
+    """Base class: constraint blocks, the fused step, state_dict with multipliers, report()."""
+
+    algorithm: Algorithm
+
+    def __init__(self, params, defaults: dict, backend: str) -> None:
+        if defaults.get("differentiable"):
+            raise NotImplementedError(f"{type(self).__name__} does not support differentiable=True")
+        super().__init__(params, defaults)
+        if backend != "auto" and backend not in backends.names():
+            raise ValueError(f"unknown backend {backend!r}; known: auto, {', '.join(backends.names())}")
+        self.backend = backend
+        self.constraints: dict[str, ConstraintBlock] = {}
+        # GradScaler hands us grad_scale / found_inf instead of unscaling the gradients itself.
+        self._step_supports_amp_scaling = True
+
+    # ----------------------------------------------------------------------------------------------
+    # Constraint blocks
+
+    def add_constraint(self, name: str, kind: str = "dense", num_constraints: int = 1, sense: str = "<=",
+                       bound=0.0, dual_lr: float = 1e-2, *, device: Optional[torch.device] = None,
+                       **options) -> ConstraintBlock:
+        """Registers a block of ``num_constraints`` constraints; see ``ConstraintSpec`` for the options."""
+        if name in self.constraints:
+            raise ValueError(f"a constraint block named {name!r} already exists")
+        spec = ConstraintSpec(name=name, kind=kind, num_constraints=num_constraints, sense=sense, bound=bound,
+                              dual_lr=dual_lr, **options)
+        block = ConstraintBlock(self, spec, torch.device(device) if device is not None else self._default_device())
+        self.constraints[name] = block
+        return block
+
+    def _default_device(self) -> torch.device:
+        return self.param_groups[0]["params"][0].device
+
+    def report(self) -> dict:
+        """Per block: observed count, max violation, number violated, multiplier statistics."""
+        return {name: block.report() for name, block in self.constraints.items()}
+
+    # ----------------------------------------------------------------------------------------------
+    # The step
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        primal = self._gather_primal()
+        blocks = [b for b in self.constraints.values() if b.spec.ordering == "simultaneous"]
+        self._run(primal, blocks, getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
+        return loss
+
+    @torch.no_grad()
+    def _dual_step(self, blocks: list[ConstraintBlock]) -> None:
+        """The dual update alone (dual-first ordering): the same call with no parameter tensors."""
+        self._run(([], [], [], [], [], [], [], []), blocks, None, None)
+
+    def _run(self, primal: tuple, blocks: list[ConstraintBlock], grad_scale, found_inf) -> None:
+        pending = [block.take_pending() for block in blocks]
+        if found_inf is not None and bool(found_inf.item()):
+            return  # AMP overflow: skip primal and dual alike; the step counts do not advance.
+        device = primal[0][0].device if primal[0] else (blocks[0].device if blocks else None)
+        if device is None:
+            return
+        hparams, flags = [], []
+        for block in blocks:
+            hparams += block.spec.dual_hparams
+            flags.append(block.spec.dual_flags)
+        stats = fused_step(
+            *primal, int(self.algorithm),
+            [b.multipliers for b in blocks], [b.dual_state for b in blocks],
+            [ids for ids, _ in pending], [v for _, v in pending], hparams, flags,
+            grad_scale, found_inf, backend=self._backend_for(device),
+        )
+        for block, row in zip(blocks, stats):
+            block.last_stats = row
+
+    def _backend_for(self, device: torch.device) -> str:
+        return backends.resolve(self.backend, device)
+
+    def _gather_primal(self) -> tuple:
+        """Lists in contract order: params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hparams, flags."""
+        lists: tuple[list, ...] = ([], [], [], [], [], [], [], [])
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                self._append_primal(lists, p, group, self.state[p])
+        return lists
+
+    def _append_primal(self, lists: tuple, p: Tensor, group: dict, state: dict) -> None:
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------------------------
+    # Checkpoints: torch's state plus every block's multipliers and dual state.
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["constraints"] = {name: block.state_dict() for name, block in self.constraints.items()}
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        constraints = state_dict.pop("constraints", {})
+        missing = set(self.constraints) - set(constraints)
+        unknown = set(constraints) - set(self.constraints)
+        if missing or unknown:
+            raise ValueError(f"checkpoint constraint blocks do not match: missing {sorted(missing)}, "
+                             f"unknown {sorted(unknown)}")
+        super().load_state_dict(state_dict)
+        for name, block_state in constraints.items():
+            self.constraints[name].load_state_dict(block_state)
+        self._place_steps()
+
+    def _place_steps(self) -> None:
+        """Step counts live with CPU params on the CPU (as torch does) and on the device for GPU params."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                step = self.state.get(p, {}).get("step")
+                if isinstance(step, Tensor) and step.device != _step_device(p):
+                    self.state[p]["step"] = step.to(_step_device(p), torch.float32)
+
+
+def _step_device(p: Tensor) -> torch.device:
+    return torch.device("cpu") if p.device.type == "cpu" else p.device
+
+
+_EMPTY: dict = {}
+
+
+def _empty_like(p: Tensor) -> Tensor:
+    """A shared zero-element placeholder for state a tensor does not have (contract: numel 0)."""
+    key = (p.device, p.dtype)
+    if key not in _EMPTY:
+        _EMPTY[key] = torch.empty(0, device=p.device, dtype=p.dtype)
+    return _EMPTY[key]
+
+
+class LagrangianSGD(LagrangianOptimizer):
+    r"""torch.optim.SGD (momentum, dampening, nesterov, weight_decay, maximize) plus constraint blocks.
+
+    .. math::
+        d &= \pm g + w\theta, \quad b \leftarrow \mu b + (1-\tau) d \ (b_1 = d), \quad
+        \theta \leftarrow \theta - \gamma\,(d + \mu b \text{ if nesterov else } b)
+    """
+
+    algorithm = Algorithm.SGD
+
+    def __init__(self, params: Iterable, lr=1e-3, momentum: float = 0, dampening: float = 0,
+                 weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False,
+                 foreach: Optional[bool] = None, differentiable: bool = False, fused: Optional[bool] = None,
+                 backend: str = "auto") -> None:
+        if _as_float(lr) < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
+                        fused=fused)
+        super().__init__(params, defaults, backend)
+
+    def _append_primal(self, lists, p, group, state) -> None:
+        params, grads, buffers, _, _, _, hparams, flags = lists
+        flag = PrimalFlag(0)
+        if group["momentum"] != 0:
+            if state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                flag |= PrimalFlag.FIRST_MOMENTUM_STEP
+            buffers.append(state["momentum_buffer"])
+        else:
+            buffers.append(_empty_like(p))
+        if group["maximize"]:
+            flag |= PrimalFlag.MAXIMIZE
+        if group["nesterov"]:
+            flag |= PrimalFlag.NESTEROV
+        params.append(p)
+        grads.append(p.grad)
+        hparams += [_as_float(group["lr"]), float(group["momentum"]), float(group["dampening"]), 0.0,
+                    _as_float(group["weight_decay"])]
+        flags.append(int(flag))
+
+
+class LagrangianAdam(LagrangianOptimizer):
+    r"""torch.optim.Adam (amsgrad, maximize, weight_decay, decoupled_weight_decay) plus constraint blocks.
+
+    .. math::
+        m &\leftarrow \beta_1 m + (1-\beta_1) g, \quad v \leftarrow \beta_2 v + (1-\beta_2) g^2, \\
+        \theta &\leftarrow \theta - \frac{\gamma}{1-\beta_1^t}\, \frac{m}{\sqrt{\hat v}/\sqrt{1-\beta_2^t} + \epsilon},
+        \quad \hat v = \max(\hat v, v) \text{ with amsgrad, else } v
+    """
+
+    algorithm = Algorithm.ADAM
+
+    def __init__(self, params: Iterable, lr=1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0, amsgrad: bool = False, *, foreach: Optional[bool] = None,
+                 maximize: bool = False, capturable: bool = False, differentiable: bool = False,
+                 fused: Optional[bool] = None, decoupled_weight_decay: bool = False,
+                 backend: str = "auto") -> None:
+        if _as_float(lr) < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if eps < 0.0:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        for index, beta in enumerate(betas):
+            if not 0.0 <= _as_float(beta) < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize, foreach=foreach, capturable=capturable, differentiable=differentiable,
+                        fused=fused, decoupled_weight_decay=decoupled_weight_decay)
+        super().__init__(params, defaults, backend)
+
+    def _append_primal(self, lists, p, group, state) -> None:
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hparams, flags = lists
+        if "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=_step_device(p))
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group["amsgrad"]:
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        flag = PrimalFlag(0)
+        if group["amsgrad"]:
+            flag |= PrimalFlag.AMSGRAD
+        if group["maximize"]:
+            flag |= PrimalFlag.MAXIMIZE
+        if group["decoupled_weight_decay"]:
+            flag |= PrimalFlag.DECOUPLED_WEIGHT_DECAY
+        params.append(p)
+        grads.append(p.grad)
+        exp_avgs.append(state["exp_avg"])
+        exp_avg_sqs.append(state["exp_avg_sq"])
+        max_exp_avg_sqs.append(state["max_exp_avg_sq"] if group["amsgrad"] else _empty_like(p))
+        steps.append(state["step"])
+        beta1, beta2 = group["betas"]
+        hparams += [_as_float(group["lr"]), _as_float(beta1), _as_float(beta2), float(group["eps"]),
+                    float(group["weight_decay"])]
+        flags.append(int(flag))
+
+
+class LagrangianAdamW(LagrangianAdam):
+    """torch.optim.AdamW: Adam with decoupled weight decay (default 1e-2), plus constraint blocks."""
+
+    def __init__(self, params: Iterable, lr=1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
+                 foreach: Optional[bool] = None, capturable: bool = False, differentiable: bool = False,
+                 fused: Optional[bool] = None, backend: str = "auto") -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
+                         capturable=capturable, differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=True, backend=backend)
