@@ -28,6 +28,8 @@ class Backend:
     unavailable_reason: Callable[[str], Optional[str]]
     # Resolved lazily so that importing the package never builds or compiles anything.
     load_fused_step: Callable[[], Callable]
+    # Human-readable build/installation status for `fused-lagrangian info` ("" when nothing to say).
+    build_status: Callable[[], str] = lambda: ""
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -58,6 +60,10 @@ def resolve(name: str, device: torch.device) -> str:
     if reason is not None:
         raise RuntimeError(f"backend {name!r} cannot run on {device.type}: {reason}")
     return name
+
+
+def build_status(name: str) -> str:
+    return _REGISTRY[name].build_status()
 
 
 def fused_step_of(name: str) -> Callable:

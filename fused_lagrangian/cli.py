@@ -1,0 +1,69 @@
+"""The ``fused-lagrangian`` command: demo (the main job), examples, bench, info."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional
+
+
+def _info(_: argparse.Namespace) -> int:
+    import torch
+
+    import fused_lagrangian
+    from fused_lagrangian import backends
+
+    print(f"fused_lagrangian {fused_lagrangian.__version__}  torch {torch.__version__}  "
+          f"threads {torch.get_num_threads()}")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        print(f"\n{device}: backend='auto' picks {backends.resolve('auto', torch.device(device))!r}")
+        for name in backends.names():
+            reason = backends.unavailable_reason(name, device)
+            print(f"  {name:<10} {'available' if reason is None else 'unavailable: ' + reason}")
+    for name in backends.names():
+        status = backends.build_status(name)
+        if status:
+            print(f"\n{name} build: {status}")
+    return 0
+
+
+def _examples(args: argparse.Namespace) -> int:
+    from fused_lagrangian.examples import print_examples_table
+
+    print_examples_table(backend=args.backend)
+    return 0
+
+
+def _demo(argv: list[str]) -> int:
+    from fused_lagrangian.demo import main as demo_main
+
+    return demo_main(argv)
+
+
+def _bench(argv: list[str]) -> int:
+    from fused_lagrangian.benchmarks import main as bench_main
+
+    return bench_main(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="fused-lagrangian", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("demo", help="fairness on UCI Adult: unconstrained vs penalty sweep vs one Lagrangian run "
+                                     "(options: fused-lagrangian demo --help)", add_help=False)
+    commands.add_parser("bench", help="benchmarks: fused vs Cooper vs unfused vs torch fused Adam "
+                                      "(options: fused-lagrangian bench --help)", add_help=False)
+    examples = commands.add_parser("examples", help="the position paper's two examples: Lagrangian vs penalties")
+    examples.add_argument("--backend", default="auto")
+    commands.add_parser("info", help="version, backends available and which one 'auto' picks, build status")
+    # demo and bench own their options: hand them the rest of the command line untouched.
+    if argv and argv[0] in ("demo", "bench"):
+        return {"demo": _demo, "bench": _bench}[argv[0]](argv[1:])
+    args = parser.parse_args(argv)
+    return {"info": _info, "examples": _examples}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
