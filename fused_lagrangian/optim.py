@@ -89,9 +89,9 @@ class LagrangianOptimizer(torch.optim.Optimizer):
         self._run(([], [], [], [], [], [], [], []), blocks, None, None)
 
     def _run(self, primal: tuple, blocks: list[ConstraintBlock], grad_scale, found_inf) -> None:
+        # On an AMP overflow (found_inf) the backend skips primal and dual alike, device-side; the
+        # pending violations belong to that skipped iteration and are dropped with it.
         pending = [block.take_pending() for block in blocks]
-        if found_inf is not None and bool(found_inf.item()):
-            return  # AMP overflow: skip primal and dual alike; the step counts do not advance.
         device = primal[0][0].device if primal[0] else (blocks[0].device if blocks else None)
         if device is None:
             return
