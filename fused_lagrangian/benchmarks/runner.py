@@ -1,0 +1,116 @@
+"""Runs one benchmark case: builds every candidate, times them interleaved, checks they agree.
+
+A case's record holds, per candidate, the median seconds per step with min and max over the
+repetitions, the ratio to torch's fused optimizer (candidate 4), the fraction of the bandwidth
+ceiling (ceiling time / candidate time) and the effective bandwidth.  Candidates that could not be
+built are listed with the reason, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from typing import Callable, Optional
+
+import torch
+
+from .timing import time_interleaved
+
+FLOOR = "torch_fused"
+CEILING = "ceiling"
+# The plainest implementation of the dual update: the oracle the others' multipliers are compared to.
+DUAL_ORACLE = "unfused"
+
+
+def run_case(sweep: str, config: dict, factories: dict[str, Callable], *, repetitions: int, sample_seconds: float,
+             threads: int, bytes_per_step: Optional[int], device: torch.device) -> dict:
+    torch.set_num_threads(threads)
+    candidates, skipped = {}, {}
+    for name, factory in factories.items():
+        try:
+            candidates[name] = factory()
+        except Exception as error:  # a missing extra or an unbuilt backend: report it, keep going
+            skipped[name] = f"{type(error).__name__}: {error}"
+    start = time.perf_counter()
+    inner = _common_inner(candidates, sample_seconds, device)
+    timings = time_interleaved({name: c.step for name, c in candidates.items()}, repetitions=repetitions,
+                               inner=inner, warmup=1, device=device)
+    wall = time.perf_counter() - start
+    results = {}
+    for name, timing in timings.items():
+        results[name] = {
+            "median_s": timing.median,
+            "min_s": timing.min,
+            "max_s": timing.max,
+            "samples_s": timing.samples,
+        }
+    _add_ratios(results, bytes_per_step)
+    record = {
+        "sweep": sweep,
+        "config": config,
+        "threads": threads,
+        "repetitions": repetitions,
+        "steps_per_sample": inner,
+        "bytes_per_step": bytes_per_step,
+        "results": results,
+        "skipped": skipped,
+        "agreement": _agreement(candidates),
+        "wall_s": wall,
+    }
+    del candidates
+    gc.collect()
+    return record
+
+
+def _common_inner(candidates: dict, sample_seconds: float, device: torch.device) -> int:
+    """Steps per sample, the same for every candidate (so all take the same steps and can be compared).
+
+    Sized on the slowest candidate's first step, which doubles as everyone's first warm-up step.
+    """
+    slowest = 0.0
+    for candidate in candidates.values():
+        start = time.perf_counter()
+        candidate.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        slowest = max(slowest, time.perf_counter() - start)
+    return int(max(1, min(200, round(sample_seconds / max(slowest, 1e-6)))))
+
+
+def _add_ratios(results: dict, bytes_per_step: Optional[int]) -> None:
+    floor = results.get(FLOOR, {}).get("median_s")
+    ceiling = results.get(CEILING, {}).get("median_s")
+    for entry in results.values():
+        median = entry["median_s"]
+        entry["ratio_to_torch_fused"] = median / floor if floor else None
+        entry["fraction_of_ceiling"] = ceiling / median if ceiling else None
+        entry["effective_GBps"] = bytes_per_step / median / 1e9 if bytes_per_step else None
+
+
+@torch.no_grad()
+def _agreement(candidates: dict) -> dict:
+    """Max abs difference of each candidate's parameters to the floor's and multipliers to the oracle's.
+
+    Every candidate took the same steps on the same inputs, so a large difference means a benchmark
+    that does not compute what it claims, whatever its speed.
+    """
+    agreement = {}
+    floor = candidates.get(FLOOR)
+    oracle = candidates.get(DUAL_ORACLE)
+    for name, candidate in candidates.items():
+        if name == CEILING:
+            continue
+        entry = {}
+        if floor is not None and not candidate.multipliers() and name != FLOOR:
+            entry["params_vs_torch_fused"] = _max_abs_diff(candidate.params, floor.params)
+        if oracle is not None and candidate.multipliers() and name != DUAL_ORACLE:
+            entry["multipliers_vs_unfused"] = _max_abs_diff(candidate.multipliers(), oracle.multipliers())
+            entry["params_vs_unfused"] = _max_abs_diff(candidate.params, oracle.params)
+        if entry:
+            agreement[name] = entry
+    return agreement
+
+
+def _max_abs_diff(a: list, b: list) -> float:
+    return max((float((x.detach().float() - y.detach().float()).abs().max()) for x, y in zip(a, b) if x.numel()),
+               default=0.0)
