@@ -26,11 +26,12 @@ CPU_BACKENDS = cpu_backends()
 TRAINING_BACKENDS = [name for name in CPU_BACKENDS if name != "triton"]
 
 
-@pytest.fixture(params=CPU_BACKENDS)
+# Module scope: a module's tests can share expensive setup per backend (e.g. a reference training run).
+@pytest.fixture(scope="module", params=CPU_BACKENDS)
 def backend(request) -> str:
     return request.param
 
 
-@pytest.fixture(params=TRAINING_BACKENDS)
+@pytest.fixture(scope="module", params=TRAINING_BACKENDS)
 def training_backend(request) -> str:
     return request.param
