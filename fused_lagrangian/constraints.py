@@ -145,6 +145,10 @@ class ConstraintBlock:
     # Forward: validate, record the dual estimate, return the primal term.
 
     def __call__(self, values: Tensor, ids: Optional[Tensor] = None, dual_values: Optional[Tensor] = None) -> Tensor:
+        if torch.is_grad_enabled():
+            data_parallel = self._optimizer._data_parallel()
+            if data_parallel is not None:
+                return data_parallel.block_call(self, values, ids, dual_values)
         ids = self._validate(values, ids, dual_values)
         if not self._all_finite(values, dual_values):
             self.nonfinite_skipped += 1
@@ -152,11 +156,14 @@ class ConstraintBlock:
         violations = self._signed_violation(values, ids)
         dual_source = violations if dual_values is None else self._signed_violation(dual_values, ids)
         if torch.is_grad_enabled():
-            self._pending_ids.append(ids)
-            self._pending_violations.append(dual_source.detach().float())
-            if self.spec.ordering == "dual_first":
-                self._optimizer._dual_step([self])
+            self._record(ids, dual_source)
         return self._primal_term(violations, ids)
+
+    def _record(self, ids: Tensor, dual_source: Tensor) -> None:
+        self._pending_ids.append(ids)
+        self._pending_violations.append(dual_source.detach().float())
+        if self.spec.ordering == "dual_first":
+            self._optimizer._dual_step([self])
 
     def _validate(self, values: Tensor, ids: Optional[Tensor], dual_values: Optional[Tensor]) -> Tensor:
         spec = self.spec
@@ -210,9 +217,9 @@ class ConstraintBlock:
             cached = self._arange = torch.arange(self.spec.num_constraints, device=self.device)
         return cached
 
-    def _signed_violation(self, values: Tensor, ids: Tensor) -> Tensor:
+    def _signed_violation(self, values: Tensor, ids: Tensor, overall_mean: Optional[Tensor] = None) -> Tensor:
         if self.spec.to_overall:
-            values = values - values.mean()
+            values = values - (values.mean() if overall_mean is None else overall_mean)
         bound = self._bound[ids] if isinstance(self._bound, Tensor) else self._bound
         return SENSES[self.spec.sense] * (values - bound)
 
@@ -225,7 +232,11 @@ class ConstraintBlock:
                 weights = 1.0 / counts[ids].to(violations.dtype)
             return lagrangian_term(violations, ids, self.multipliers, weights)
         touched, g = self._per_constraint(violations, ids)
-        lam = self.multipliers[touched].to(g.dtype)
+        return self._penalty_term(self.multipliers[touched].to(g.dtype), g)
+
+    def _penalty_term(self, lam: Tensor, g: Tensor) -> Tensor:
+        """The non-Lagrangian formulations' term for estimates g of the constraints with multipliers lam."""
+        spec = self.spec
         c = spec.penalty
         if spec.formulation == "penalty":
             return c * g.sum()

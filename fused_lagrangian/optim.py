@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import Tensor
 
-from . import backends
+from . import backends, distributed
 from .constraints import ConstraintBlock, ConstraintSpec
 from .contract import Algorithm, PrimalFlag
 from .functional import fused_step
@@ -36,13 +36,16 @@ class LagrangianOptimizer(torch.optim.Optimizer):
 
     algorithm: Algorithm
 
-    def __init__(self, params, defaults: dict, backend: str) -> None:
+    def __init__(self, params, defaults: dict, backend: str, process_group=None) -> None:
         if defaults.get("differentiable"):
             raise NotImplementedError(f"{type(self).__name__} does not support differentiable=True")
         super().__init__(params, defaults)
         if backend != "auto" and backend not in backends.names():
             raise ValueError(f"unknown backend {backend!r}; known: auto, {', '.join(backends.names())}")
         self.backend = backend
+        # Data parallelism: the ranks whose blocks stay in step (None: the default group once
+        # torch.distributed is initialised); see distributed.py.
+        self.process_group = process_group
         self.constraints: dict[str, ConstraintBlock] = {}
         # GradScaler hands us grad_scale / found_inf instead of unscaling the gradients itself.
         self._step_supports_amp_scaling = True
@@ -64,6 +67,9 @@ class LagrangianOptimizer(torch.optim.Optimizer):
 
     def _default_device(self) -> torch.device:
         return self.param_groups[0]["params"][0].device
+
+    def _data_parallel(self) -> Optional[distributed.DataParallelGroup]:
+        return distributed.data_parallel_group(self.process_group)
 
     def report(self) -> dict:
         """Per block: observed count, max violation, number violated, multiplier statistics."""
@@ -92,6 +98,9 @@ class LagrangianOptimizer(torch.optim.Optimizer):
         # On an AMP overflow (found_inf) the backend skips primal and dual alike, device-side; the
         # pending violations belong to that skipped iteration and are dropped with it.
         pending = [block.take_pending() for block in blocks]
+        data_parallel = self._data_parallel() if blocks else None
+        if data_parallel is not None:
+            pending = data_parallel.gather_pending(blocks, pending)
         device = primal[0][0].device if primal[0] else (blocks[0].device if blocks else None)
         if device is None:
             return
@@ -121,7 +130,7 @@ class LagrangianOptimizer(torch.optim.Optimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 self._append_primal(lists, p, group, self.state[p])
-        return lists
+        return distributed.local_shards(lists)
 
     def _append_primal(self, lists: tuple, p: Tensor, group: dict, state: dict) -> None:
         raise NotImplementedError
@@ -136,16 +145,21 @@ class LagrangianOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)
-        constraints = state_dict.pop("constraints", {})
+        # Without the key (torch.optim's state dicts, torch.distributed.checkpoint's): primal state only.
+        constraints = state_dict.pop("constraints", None)
+        if constraints is not None:
+            self._check_constraint_blocks(constraints)
+        super().load_state_dict(state_dict)
+        for name, block_state in (constraints or {}).items():
+            self.constraints[name].load_state_dict(block_state)
+        self._place_steps()
+
+    def _check_constraint_blocks(self, constraints: dict) -> None:
         missing = set(self.constraints) - set(constraints)
         unknown = set(constraints) - set(self.constraints)
         if missing or unknown:
             raise ValueError(f"checkpoint constraint blocks do not match: missing {sorted(missing)}, "
                              f"unknown {sorted(unknown)}")
-        super().load_state_dict(state_dict)
-        for name, block_state in constraints.items():
-            self.constraints[name].load_state_dict(block_state)
-        self._place_steps()
 
     def _place_steps(self) -> None:
         """Step counts live with CPU params on the CPU (as torch does) and on the device for GPU params."""
@@ -184,7 +198,7 @@ class LagrangianSGD(LagrangianOptimizer):
     def __init__(self, params: Iterable, lr=1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False,
                  foreach: Optional[bool] = None, differentiable: bool = False, fused: Optional[bool] = None,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", process_group=None) -> None:
         if _as_float(lr) < 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
         if momentum < 0.0:
@@ -196,7 +210,7 @@ class LagrangianSGD(LagrangianOptimizer):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
                         fused=fused)
-        super().__init__(params, defaults, backend)
+        super().__init__(params, defaults, backend, process_group)
 
     def _append_primal(self, lists, p, group, state) -> None:
         params, grads, buffers, _, _, _, hparams, flags = lists
@@ -234,7 +248,7 @@ class LagrangianAdam(LagrangianOptimizer):
                  weight_decay: float = 0, amsgrad: bool = False, *, foreach: Optional[bool] = None,
                  maximize: bool = False, capturable: bool = False, differentiable: bool = False,
                  fused: Optional[bool] = None, decoupled_weight_decay: bool = False,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", process_group=None) -> None:
         if _as_float(lr) < 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
         if eps < 0.0:
@@ -247,7 +261,7 @@ class LagrangianAdam(LagrangianOptimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=capturable, differentiable=differentiable,
                         fused=fused, decoupled_weight_decay=decoupled_weight_decay)
-        super().__init__(params, defaults, backend)
+        super().__init__(params, defaults, backend, process_group)
 
     def _append_primal(self, lists, p, group, state) -> None:
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hparams, flags = lists
@@ -282,7 +296,7 @@ class LagrangianAdamW(LagrangianAdam):
     def __init__(self, params: Iterable, lr=1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
                  foreach: Optional[bool] = None, capturable: bool = False, differentiable: bool = False,
-                 fused: Optional[bool] = None, backend: str = "auto") -> None:
+                 fused: Optional[bool] = None, backend: str = "auto", process_group=None) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
                          capturable=capturable, differentiable=differentiable, fused=fused,
-                         decoupled_weight_decay=True, backend=backend)
+                         decoupled_weight_decay=True, backend=backend, process_group=process_group)
