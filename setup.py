@@ -4,7 +4,13 @@ Install with ``pip install --no-build-isolation -e .`` so that the build sees th
 installed (build isolation would download a CUDA build of torch of several GB).
 """
 
+import os
+import sys
+
 from setuptools import find_packages, setup
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc"))
+from build_native import extension_kwargs  # noqa: E402  (the native step's extension, if buildable)
 
 setup(
     name="fused_lagrangian",
@@ -19,4 +25,5 @@ setup(
         "triton": ["triton"],
     },
     entry_points={"console_scripts": ["fused-lagrangian=fused_lagrangian.cli:main"]},
+    **extension_kwargs(),
 )

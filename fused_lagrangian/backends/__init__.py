@@ -71,3 +71,5 @@ def fused_step_of(name: str) -> Callable:
 
 
 register(Backend("reference", lambda device_type: None, lambda: reference.fused_step))
+
+from . import native  # noqa: E402,F401  (registers itself; loads nothing until used)

@@ -1,0 +1,141 @@
+// The operator's schema, declared once; fused_step_cpu.cpp and fused_step_cuda.cu register kernels.
+#include "fused_step.h"
+
+#include <torch/library.h>
+
+#include "step_math.h"
+
+namespace fused_lagrangian {
+
+bool StepArguments::is_adam() const { return algorithm == kAdam; }
+
+bool StepArguments::has_momentum_buffer(int64_t tensor) const {
+  return !is_adam() && primal_hparams[tensor * kPrimalHparams + 1] != 0.0;
+}
+
+bool StepArguments::has_max_exp_avg_sq(int64_t tensor) const {
+  return is_adam() && (primal_flags[tensor] & kAmsgrad);
+}
+
+bool StepArguments::has_smoothed_error(int64_t block) const {
+  return (dual_flags[block] & kNupi) && !(dual_flags[block] & kFrozen);
+}
+
+bool shares_dense_layout(const at::Tensor& tensor, const at::Tensor& param) {
+  return tensor.sizes().equals(param.sizes()) && tensor.strides().equals(param.strides());
+}
+
+namespace {
+
+bool is_supported_param_dtype(at::ScalarType dtype) {
+  return dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf;
+}
+
+void check_on(const at::Tensor& tensor, c10::Device device, const char* what, int64_t index) {
+  TORCH_CHECK(tensor.device() == device, "fused_step: ", what, "[", index, "] is on ", tensor.device(),
+              " but the step runs on ", device);
+}
+
+void check_state(const at::Tensor& state, const at::Tensor& param, c10::Device device, const char* what,
+                 int64_t index) {
+  check_on(state, device, what, index);
+  TORCH_CHECK(state.scalar_type() == param.scalar_type(), "fused_step: ", what, "[", index, "] has dtype ",
+              state.scalar_type(), ", its parameter ", param.scalar_type());
+  TORCH_CHECK(shares_dense_layout(state, param), "fused_step: ", what, "[", index,
+              "] must have its parameter's shape and strides");
+}
+
+void check_primal(const StepArguments& a, c10::Device device) {
+  const int64_t n = a.num_tensors();
+  TORCH_CHECK(a.algorithm == kSgd || a.algorithm == kAdam, "fused_step: unknown algorithm ", a.algorithm);
+  TORCH_CHECK(static_cast<int64_t>(a.grads.size()) == n && static_cast<int64_t>(a.exp_avgs.size()) == n,
+              "fused_step: params, grads and exp_avgs must have one entry per tensor");
+  TORCH_CHECK(static_cast<int64_t>(a.primal_hparams.size()) == n * kPrimalHparams &&
+                  static_cast<int64_t>(a.primal_flags.size()) == n,
+              "fused_step: primal_hparams needs ", kPrimalHparams, " values and primal_flags one per tensor");
+  if (a.is_adam()) {
+    TORCH_CHECK(static_cast<int64_t>(a.exp_avg_sqs.size()) == n &&
+                    static_cast<int64_t>(a.max_exp_avg_sqs.size()) == n && static_cast<int64_t>(a.steps.size()) == n,
+                "fused_step: Adam needs exp_avg_sqs, max_exp_avg_sqs and steps for every tensor");
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor& param = a.params[i];
+    check_on(param, device, "params", i);
+    TORCH_CHECK(is_supported_param_dtype(param.scalar_type()), "fused_step: params[", i, "] has dtype ",
+                param.scalar_type(), "; supported: float32, bfloat16, float16");
+    TORCH_CHECK(param.is_non_overlapping_and_dense(), "fused_step: params[", i,
+                "] must be dense (contiguous or a permutation of it)");
+    check_state(a.grads[i], param, device, "grads", i);
+    if (a.is_adam()) {
+      check_state(a.exp_avgs[i], param, device, "exp_avgs", i);
+      check_state(a.exp_avg_sqs[i], param, device, "exp_avg_sqs", i);
+      if (a.has_max_exp_avg_sq(i)) check_state(a.max_exp_avg_sqs[i], param, device, "max_exp_avg_sqs", i);
+      const at::Tensor& step = a.steps[i];
+      check_on(step, device, "steps", i);
+      TORCH_CHECK(step.numel() == 1 && step.scalar_type() == at::kFloat, "fused_step: steps[", i,
+                  "] must be a one-element float32 tensor");
+    } else if (a.has_momentum_buffer(i)) {
+      check_state(a.exp_avgs[i], param, device, "exp_avgs (momentum buffer)", i);
+    }
+  }
+}
+
+void check_dual(const StepArguments& a, c10::Device device) {
+  const int64_t m = a.num_blocks();
+  TORCH_CHECK(static_cast<int64_t>(a.dual_states.size()) == m && static_cast<int64_t>(a.ids.size()) == m &&
+                  static_cast<int64_t>(a.violations.size()) == m,
+              "fused_step: multipliers, dual_states, ids and violations must have one entry per block");
+  TORCH_CHECK(static_cast<int64_t>(a.dual_hparams.size()) == m * kDualHparams &&
+                  static_cast<int64_t>(a.dual_flags.size()) == m,
+              "fused_step: dual_hparams needs ", kDualHparams, " values and dual_flags one per block");
+  for (int64_t j = 0; j < m; ++j) {
+    const at::Tensor& lam = a.multipliers[j];
+    check_on(lam, device, "multipliers", j);
+    TORCH_CHECK(lam.dim() == 1 && lam.scalar_type() == at::kFloat && lam.is_contiguous(),
+                "fused_step: multipliers[", j, "] must be a contiguous 1-D float32 tensor");
+    if (a.has_smoothed_error(j)) {
+      const at::Tensor& xi = a.dual_states[j];
+      check_on(xi, device, "dual_states", j);
+      TORCH_CHECK(xi.scalar_type() == at::kFloat && xi.is_contiguous() && xi.numel() == lam.numel(),
+                  "fused_step: dual_states[", j, "] must be a contiguous float32 tensor of ", lam.numel(),
+                  " elements (nuPI)");
+    }
+    const at::Tensor& ids = a.ids[j];
+    const at::Tensor& violations = a.violations[j];
+    check_on(ids, device, "ids", j);
+    check_on(violations, device, "violations", j);
+    TORCH_CHECK((ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt) && ids.is_contiguous() &&
+                    ids.dim() == 1,
+                "fused_step: ids[", j, "] must be a contiguous 1-D int64 or int32 tensor");
+    TORCH_CHECK(violations.scalar_type() == at::kFloat && violations.is_contiguous() &&
+                    violations.numel() == ids.numel(),
+                "fused_step: violations[", j, "] must be a contiguous float32 tensor with one value per id");
+  }
+}
+
+void check_scalar(const std::optional<at::Tensor>& scalar, c10::Device device, const char* what) {
+  if (!scalar.has_value()) return;
+  TORCH_CHECK(scalar->numel() == 1 && scalar->scalar_type() == at::kFloat, "fused_step: ", what,
+              " must be a one-element float32 tensor");
+  TORCH_CHECK(scalar->device() == device || scalar->device().is_cpu(), "fused_step: ", what, " is on ",
+              scalar->device(), " but the step runs on ", device);
+}
+
+}  // namespace
+
+void check_step_arguments(const StepArguments& args, c10::Device device) {
+  check_primal(args, device);
+  check_dual(args, device);
+  check_scalar(args.grad_scale, device, "grad_scale");
+  check_scalar(args.found_inf, device, "found_inf");
+}
+
+}  // namespace fused_lagrangian
+
+TORCH_LIBRARY(fused_lagrangian, m) {
+  m.def(
+      "fused_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, float[] primal_hparams, int[] primal_flags, "
+      "int algorithm, Tensor(f!)[] multipliers, Tensor(g!)[] dual_states, Tensor[] ids, Tensor[] violations, "
+      "float[] dual_hparams, int[] dual_flags, Tensor? grad_scale=None, Tensor? found_inf=None) -> Tensor");
+}

@@ -1,0 +1,40 @@
+// Host-side view of fused_step's arguments (layout: fused_lagrangian/contract.py) and the checks
+// both device kernels run before they touch any memory.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+
+#include <optional>
+
+namespace fused_lagrangian {
+
+struct StepArguments {
+  at::TensorList params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps;
+  c10::ArrayRef<double> primal_hparams;
+  c10::ArrayRef<int64_t> primal_flags;
+  int64_t algorithm;
+  at::TensorList multipliers, dual_states, ids, violations;
+  c10::ArrayRef<double> dual_hparams;
+  c10::ArrayRef<int64_t> dual_flags;
+  const std::optional<at::Tensor>& grad_scale;
+  const std::optional<at::Tensor>& found_inf;
+
+  int64_t num_tensors() const { return static_cast<int64_t>(params.size()); }
+  int64_t num_blocks() const { return static_cast<int64_t>(multipliers.size()); }
+  bool is_adam() const;
+  // The optional state a tensor has, given its flags and hyperparameters.
+  bool has_momentum_buffer(int64_t tensor) const;
+  bool has_max_exp_avg_sq(int64_t tensor) const;
+  bool has_smoothed_error(int64_t block) const;
+};
+
+// Throws (TORCH_CHECK) on any inconsistency: list lengths, dtypes, sizes, strides, devices.  Ids are
+// range-checked by the kernels themselves (on CUDA that would need a host sync).
+void check_step_arguments(const StepArguments& args, c10::Device device);
+
+// Parameter tensors may be strided (channels_last) as long as every tensor of an entry shares the
+// parameter's dense layout: the update is elementwise, so it walks the storage in memory order.
+bool shares_dense_layout(const at::Tensor& tensor, const at::Tensor& param);
+
+}  // namespace fused_lagrangian
