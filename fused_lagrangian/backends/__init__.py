@@ -73,3 +73,4 @@ def fused_step_of(name: str) -> Callable:
 register(Backend("reference", lambda device_type: None, lambda: reference.fused_step))
 
 from . import native  # noqa: E402,F401  (registers itself; loads nothing until used)
+from . import triton_backend  # noqa: E402,F401  (registers itself; imports triton only when used)

@@ -7,6 +7,7 @@ number of constraints.  The multipliers are constants of the primal problem: no 
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Optional
 
 import torch
@@ -30,4 +31,11 @@ class _LagrangianTerm(torch.autograd.Function):
 
 def lagrangian_term(violations: Tensor, ids: Tensor, multipliers: Tensor, weights: Optional[Tensor] = None) -> Tensor:
     """``sum_i weights_i * multipliers[ids_i] * violations_i``; differentiable in ``violations`` only."""
+    if violations.is_cuda and _TRITON_PRESENT:
+        from .lagrangian_term_triton import lagrangian_term_triton  # one kernel forward, one backward
+
+        return lagrangian_term_triton(violations, ids, multipliers, weights)
     return _LagrangianTerm.apply(violations, ids, multipliers, weights)
+
+
+_TRITON_PRESENT = importlib.util.find_spec("triton") is not None

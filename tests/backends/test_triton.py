@@ -1,0 +1,493 @@
+"""The triton backend against the reference backend, under the Triton interpreter on CPU tensors.
+
+TRITON_INTERPRET=1 must be set before the kernels are defined (triton.jit reads it), so it is set
+here, at import.  The interpreter runs programs one after another, so every test keeps its tensors
+to a few programs; a fixture also reruns the dual tests with HELPER_CHUNK_LIMIT=1, which spreads the
+finalisation over the three kinds of finaliser that a GPU interleaves (see triton_kernels.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+pytest.importorskip("triton")
+
+from fused_lagrangian import LagrangianAdam, LagrangianAdamW, LagrangianSGD, backends  # noqa: E402
+from fused_lagrangian.backends import reference, triton_backend  # noqa: E402
+from fused_lagrangian.backends import triton_kernels  # noqa: E402
+from fused_lagrangian.contract import Algorithm, DualFlag, PrimalFlag  # noqa: E402
+from fused_lagrangian.ops.lagrangian_term import lagrangian_term  # noqa: E402
+from fused_lagrangian.ops.lagrangian_term_triton import lagrangian_term_triton  # noqa: E402
+
+if not type(triton_kernels.fused_step_kernel).__name__ == "InterpretedFunction":
+    pytest.skip("the triton kernels were defined before TRITON_INTERPRET=1 was set", allow_module_level=True)
+
+INF = float("inf")
+# One more element than a full primal program (4096), an odd tail, and a tensor shorter than a tile.
+SIZES = (4097, 1023, 5)
+ADAM_HPARAMS = [1e-2, 0.9, 0.999, 1e-8, 0.0]
+SGD_HPARAMS = [1e-2, 0.9, 0.0, 0.0, 0.0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Building contract calls
+
+
+def primal_args(gen, algorithm, sizes=SIZES, dtypes=None, hparams=None, flags=0, start_step=3.0):
+    """The eight primal lists of contract.py for tensors of ``sizes``."""
+    dtypes = dtypes or [torch.float32] * len(sizes)
+    hparams = hparams or (ADAM_HPARAMS if algorithm == Algorithm.ADAM else SGD_HPARAMS)
+    lists = ([], [], [], [], [], [], [], [])
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, all_hparams, all_flags = lists
+    for n, dtype in zip(sizes, dtypes):
+        params.append(torch.randn(n, generator=gen).to(dtype))
+        grads.append(torch.randn(n, generator=gen).to(dtype))
+        if algorithm == Algorithm.ADAM:
+            exp_avgs.append((0.1 * torch.randn(n, generator=gen)).to(dtype))
+            exp_avg_sqs.append((0.01 * torch.rand(n, generator=gen)).to(dtype))
+            amsgrad = flags & PrimalFlag.AMSGRAD
+            max_exp_avg_sqs.append((0.02 * torch.rand(n, generator=gen)).to(dtype) if amsgrad
+                                   else torch.empty(0, dtype=dtype))
+            steps.append(torch.tensor(start_step))
+        else:
+            momentum = hparams[1] != 0
+            exp_avgs.append(torch.randn(n, generator=gen).to(dtype) if momentum else torch.empty(0, dtype=dtype))
+        all_hparams += hparams
+        all_flags.append(int(flags))
+    return lists
+
+
+def block(gen, num_constraints, num_samples, flags=0, lr=0.1, kp=0.5, ki=1.0, nu=0.3, damping=0.0, lower=0.0,
+          upper=INF, id_range=None):
+    """One constraint block's (multipliers, dual_state, ids, violations, hparams, flags)."""
+    lam = torch.rand(num_constraints, generator=gen) if lower == 0 else torch.randn(num_constraints, generator=gen)
+    xi = torch.randn(num_constraints, generator=gen) if flags & DualFlag.NUPI else torch.empty(0)
+    ids = torch.randint(0, id_range or num_constraints, (num_samples,), generator=gen)
+    violations = torch.randn(num_samples, generator=gen)
+    return lam, xi, ids, violations, [lr, kp, ki, nu, damping, lower, upper], int(flags)
+
+
+def dual_args(blocks):
+    multipliers, states, ids, violations, hparams, flags = [], [], [], [], [], []
+    for lam, xi, block_ids, block_violations, block_hparams, block_flags in blocks:
+        multipliers.append(lam)
+        states.append(xi)
+        ids.append(block_ids)
+        violations.append(block_violations)
+        hparams += block_hparams
+        flags.append(block_flags)
+    return multipliers, states, ids, violations, hparams, flags
+
+
+def call(primal, algorithm, dual, grad_scale=None, found_inf=None) -> list:
+    return [*primal, int(algorithm), *dual, grad_scale, found_inf]
+
+
+def run_both(args: list, steps: int = 1):
+    """Runs the call ``steps`` times with each backend on its own copy; returns both copies and stats."""
+    expected = copy.deepcopy(args)
+    for _ in range(steps):
+        actual_stats = triton_backend.fused_step(*args)
+        expected_stats = reference.fused_step(*expected)
+    return args, expected, actual_stats, expected_stats
+
+
+MUTATED = {0: "params", 2: "exp_avgs", 3: "exp_avg_sqs", 4: "max_exp_avg_sqs", 5: "steps", 9: "multipliers",
+           10: "dual_states"}
+
+
+def assert_same(actual: list, expected: list, actual_stats, expected_stats) -> None:
+    for index, name in MUTATED.items():
+        for i, (a, e) in enumerate(zip(actual[index], expected[index])):
+            # fp32 within 1e-6; half precision within one rounding of the storage dtype.
+            rtol = 0.0 if a.dtype == torch.float32 else torch.finfo(a.dtype).eps
+            torch.testing.assert_close(a, e, atol=1e-6, rtol=rtol, msg=lambda m: f"{name}[{i}]: {m}")
+    torch.testing.assert_close(actual_stats, expected_stats, atol=1e-6, rtol=0)
+
+
+@pytest.fixture(params=["last-sample-program", "shared"])
+def finaliser(request, monkeypatch):
+    """"shared": each helper finalises one chunk, so primal programs and the last program get some too."""
+    if request.param == "shared":
+        monkeypatch.setattr(triton_backend, "HELPER_CHUNK_LIMIT", 1)
+    return request.param
+
+
+# --------------------------------------------------------------------------------------------------
+# Primal updates
+
+
+@pytest.mark.parametrize("flags, weight_decay", [
+    (0, 0.0),
+    (PrimalFlag.AMSGRAD, 0.0),
+    (PrimalFlag.MAXIMIZE, 0.1),  # coupled weight decay (Adam)
+    (PrimalFlag.DECOUPLED_WEIGHT_DECAY, 0.1),  # AdamW
+    (PrimalFlag.AMSGRAD | PrimalFlag.MAXIMIZE | PrimalFlag.DECOUPLED_WEIGHT_DECAY, 0.05),
+])
+def test_adam_matches_reference(flags, weight_decay):
+    gen = torch.Generator().manual_seed(1)
+    hparams = [3e-2, 0.8, 0.99, 1e-6, weight_decay]
+    primal = primal_args(gen, Algorithm.ADAM, hparams=hparams, flags=flags)
+    dual = dual_args([block(gen, 40, 300, DualFlag.MEAN)])
+    assert_same(*run_both(call(primal, Algorithm.ADAM, dual), steps=2))
+
+
+@pytest.mark.parametrize("hparams, flags", [
+    ([0.1, 0.0, 0.0, 0.0, 0.0], 0),  # plain SGD: the momentum buffers are empty tensors
+    ([0.1, 0.9, 0.2, 0.0, 0.01], 0),  # momentum with dampening and weight decay
+    ([0.1, 0.9, 0.0, 0.0, 0.0], PrimalFlag.NESTEROV | PrimalFlag.MAXIMIZE),
+    ([0.1, 0.9, 0.1, 0.0, 0.0], PrimalFlag.FIRST_MOMENTUM_STEP),  # buffer seeded with the gradient
+])
+def test_sgd_matches_reference(hparams, flags):
+    gen = torch.Generator().manual_seed(2)
+    primal = primal_args(gen, Algorithm.SGD, hparams=hparams, flags=flags)
+    assert_same(*run_both(call(primal, Algorithm.SGD, dual_args([])), steps=1))
+
+
+def test_half_precision_and_fp32_parameters_in_one_call():
+    gen = torch.Generator().manual_seed(3)
+    dtypes = [torch.bfloat16, torch.float32, torch.float16]
+    primal = primal_args(gen, Algorithm.ADAM, dtypes=dtypes, flags=PrimalFlag.AMSGRAD,
+                         hparams=[1e-2, 0.9, 0.999, 1e-8, 0.1])
+    args, expected, stats, expected_stats = run_both(call(primal, Algorithm.ADAM, dual_args([])), steps=2)
+    assert_same(args, expected, stats, expected_stats)
+    assert args[0][0].dtype == torch.bfloat16 and args[0][2].dtype == torch.float16
+
+
+def test_bf16_results_are_rounded_to_nearest_even():
+    """Exact match where the reference rounds each result to bf16: no truncation anywhere."""
+    gen = torch.Generator().manual_seed(4)
+    primal = primal_args(gen, Algorithm.SGD, sizes=(3000,), dtypes=[torch.bfloat16], hparams=[0.1, 0.9, 0.0, 0, 0])
+    args, expected, _, _ = run_both(call(primal, Algorithm.SGD, dual_args([])))
+    assert torch.equal(args[2][0], expected[2][0])  # momentum buffer: one fp32 multiply-add, then rounding
+
+
+def test_writes_stay_inside_tensors_and_unaligned_views_work():
+    """Parameters as views into guarded buffers, at offsets that break 16-byte alignment."""
+    gen = torch.Generator().manual_seed(5)
+    primal = primal_args(gen, Algorithm.ADAM, sizes=(1025, 3))
+    guarded = []
+    for index in (0, 1, 2, 3):
+        for i, tensor in enumerate(primal[index]):
+            buffer = torch.randn(tensor.numel() + 64, generator=gen)
+            buffer[1:1 + tensor.numel()] = tensor
+            primal[index][i] = buffer[1:1 + tensor.numel()]
+            guarded.append((buffer, buffer.clone(), tensor.numel()))
+    args, expected, stats, expected_stats = run_both(call(primal, Algorithm.ADAM, dual_args([])))
+    assert_same(args, expected, stats, expected_stats)
+    for buffer, original, n in guarded:
+        assert buffer[0] == original[0] and torch.equal(buffer[1 + n:], original[1 + n:])
+
+
+def test_grad_scale_divides_the_gradients():
+    gen = torch.Generator().manual_seed(6)
+    primal = primal_args(gen, Algorithm.ADAM)
+    dual = dual_args([block(gen, 30, 100)])
+    assert_same(*run_both(call(primal, Algorithm.ADAM, dual, grad_scale=torch.tensor([1024.0]),
+                               found_inf=torch.tensor([0.0]))))
+
+
+def test_found_inf_skips_everything():
+    gen = torch.Generator().manual_seed(7)
+    primal = primal_args(gen, Algorithm.ADAM, flags=PrimalFlag.AMSGRAD)
+    dual = dual_args([block(gen, 30, 100, DualFlag.NUPI), block(gen, 5, 7)])
+    args = call(primal, Algorithm.ADAM, dual, grad_scale=torch.tensor([8.0]), found_inf=torch.tensor([1.0]))
+    before = copy.deepcopy(args)
+    stats = triton_backend.fused_step(*args)
+    assert torch.equal(stats, torch.zeros(2, 3))
+    for index in MUTATED:
+        for a, b in zip(args[index], before[index]):
+            assert torch.equal(a, b)
+    # The skipped call left the workspace clean: the next call matches the reference.
+    args[-1] = torch.tensor([0.0])
+    assert_same(*run_both(args))
+
+
+# --------------------------------------------------------------------------------------------------
+# Dual updates
+
+
+@pytest.mark.parametrize("flags, options", [
+    (0, {}),  # indexed: sums over duplicates
+    (DualFlag.MEAN, {}),  # grouped: means
+    (DualFlag.NUPI, {"kp": 2.0, "ki": 1.0, "nu": 0.5}),
+    (DualFlag.NUPI | DualFlag.MEAN, {"damping": 0.1, "upper": 0.6}),  # damping and a cap
+    (DualFlag.RESTART, {}),
+    (DualFlag.FROZEN, {}),  # penalty formulations: statistics only
+    (0, {"lower": -INF}),  # equality: no projection, |g| statistics
+    (DualFlag.NUPI, {"lower": -0.5, "upper": 0.5}),
+])
+def test_dual_rules_match_reference(flags, options, finaliser):
+    gen = torch.Generator().manual_seed(8)
+    # 2500 samples over 60 ids: three sample programs, heavy duplication within and across programs.
+    dual = dual_args([block(gen, 60, 2500, flags, **options)])
+    primal = primal_args(gen, Algorithm.SGD, sizes=(3000,))
+    assert_same(*run_both(call(primal, Algorithm.SGD, dual), steps=2))
+
+
+def test_several_blocks_with_empty_and_untouched_ones(finaliser):
+    gen = torch.Generator().manual_seed(9)
+    blocks = [
+        block(gen, 500, 1500, DualFlag.NUPI, id_range=100),  # constraints 100.. never touched
+        block(gen, 7, 0),  # empty this step
+        block(gen, 3, 3, DualFlag.MEAN, lower=-INF),  # dense equality block
+        block(gen, 1200, 1100, DualFlag.RESTART),
+    ]
+    args = call(primal_args(gen, Algorithm.ADAM, sizes=(2000,)), Algorithm.ADAM, dual_args(blocks))
+    untouched_before = (args[9][0][100:].clone(), args[10][0][100:].clone())
+    actual, expected, stats, expected_stats = run_both(args)
+    assert_same(actual, expected, stats, expected_stats)
+    assert torch.equal(actual[9][0][100:], untouched_before[0]) and torch.equal(actual[10][0][100:],
+                                                                               untouched_before[1])
+    assert stats[1].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_dual_only_call(finaliser):
+    """The dual-first ordering calls the backend with no parameter tensors."""
+    gen = torch.Generator().manual_seed(10)
+    dual = dual_args([block(gen, 50, 2100, DualFlag.MEAN), block(gen, 9, 40, DualFlag.NUPI)])
+    assert_same(*run_both(call(([], [], [], [], [], [], [], []), Algorithm.ADAM, dual), steps=3))
+
+
+def test_accumulator_slots_are_clean_after_each_step():
+    gen = torch.Generator().manual_seed(11)
+    dual = dual_args([block(gen, 64, 1000), block(gen, 10, 50, DualFlag.MEAN)])
+    triton_backend.fused_step(*call(primal_args(gen, Algorithm.ADAM, sizes=(10,)), Algorithm.ADAM, dual))
+    workspace = triton_backend._workspaces[(torch.device("cpu"), 0)]
+    assert not workspace.accumulators.any() and not workspace.tickets.any()
+
+
+# --------------------------------------------------------------------------------------------------
+# One launch per step, cached tables
+
+
+class _LaunchCounter:
+    def __init__(self, monkeypatch):
+        self.count = 0
+        kernel_type = type(triton_kernels.fused_step_kernel)
+        original = kernel_type.run
+
+        def counting_run(kernel, *args, **kwargs):
+            self.count += 1
+            return original(kernel, *args, **kwargs)
+
+        monkeypatch.setattr(kernel_type, "run", counting_run)
+
+
+def _model_and_blocks(optimizer_class, **options):
+    torch.manual_seed(12)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    optimizer = optimizer_class(model.parameters(), lr=1e-2, backend="triton", **options)
+    per_sample = optimizer.add_constraint("per_sample", kind="indexed", num_constraints=300, bound=0.1,
+                                          dual_lr=0.05)
+    groups = optimizer.add_constraint("groups", kind="grouped", num_constraints=4, bound=0.2, dual_lr=0.05,
+                                      dual_rule="nupi", kp=1.0)
+    return model, optimizer, per_sample, groups
+
+
+def _training_step(model, optimizer, per_sample, groups, gen):
+    x = torch.randn(64, 8, generator=gen)
+    ids = torch.randint(0, 300, (64,), generator=gen)
+    losses = model(x).squeeze(1) ** 2
+    loss = losses.mean() + per_sample(losses, ids=ids) + groups(losses, ids=ids % 4)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("optimizer_class, options", [(LagrangianAdam, {"amsgrad": True}),
+                                                      (LagrangianSGD, {"momentum": 0.9})])
+def test_one_kernel_launch_per_step(optimizer_class, options, monkeypatch):
+    model, optimizer, per_sample, groups = _model_and_blocks(optimizer_class, **options)
+    counter = _LaunchCounter(monkeypatch)
+    gen = torch.Generator().manual_seed(13)
+    for step in range(1, 4):
+        _training_step(model, optimizer, per_sample, groups, gen)
+        assert counter.count == step
+
+
+class _AtenOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_steady_state_call_builds_nothing(monkeypatch):
+    """Same tensors again: no table is rebuilt or copied; the host's only tensor op allocates the stats."""
+    gen = torch.Generator().manual_seed(14)
+    args = call(primal_args(gen, Algorithm.ADAM), Algorithm.ADAM, dual_args([block(gen, 20, 50)]))
+    triton_backend.fused_step(*args)
+    launches = []
+    # The interpreter's own handling of kernel arguments is not the host code under test.
+    monkeypatch.setattr(type(triton_kernels.fused_step_kernel), "run", lambda *a, **k: launches.append(1))
+    with _AtenOps() as recorded:
+        triton_backend._launch(*args)  # the custom op's body (the op would hide its inner ops from the mode)
+    assert recorded.ops == ["aten.empty.memory_format"] and launches == [1]
+
+
+# --------------------------------------------------------------------------------------------------
+# End to end, registry, torch.library
+
+
+def test_lagrangian_adam_matches_torch_adam_without_constraints():
+    torch.manual_seed(15)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
+    twin = copy.deepcopy(model)
+    ours = LagrangianAdamW(model.parameters(), lr=1e-2, weight_decay=0.1, backend="triton")
+    theirs = torch.optim.AdamW(twin.parameters(), lr=1e-2, weight_decay=0.1)
+    gen = torch.Generator().manual_seed(16)
+    for _ in range(4):
+        x = torch.randn(16, 6, generator=gen)
+        for net, optimizer in ((model, ours), (twin, theirs)):
+            net(x).pow(2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(ours.state[p]["exp_avg_sq"], theirs.state[q]["exp_avg_sq"], atol=1e-6, rtol=0)
+        assert ours.state[p]["step"] == theirs.state[q]["step"] == 4
+
+
+def test_lagrangian_adam_with_constraints_matches_reference_backend():
+    runs = {}
+    for backend in ("triton", "reference"):
+        model, optimizer, per_sample, groups = _model_and_blocks(LagrangianAdam)
+        optimizer.backend = backend
+        gen = torch.Generator().manual_seed(17)
+        for _ in range(3):
+            _training_step(model, optimizer, per_sample, groups, gen)
+        runs[backend] = (list(model.parameters()), per_sample.multipliers, groups.multipliers, groups.dual_state,
+                         optimizer.report())
+    for a, e in zip(runs["triton"][:4], runs["reference"][:4]):
+        torch.testing.assert_close(a, e, atol=1e-6, rtol=0)
+    for name, report in runs["triton"][4].items():
+        assert report == pytest.approx(runs["reference"][4][name], abs=1e-6)
+
+
+def test_registry_availability(monkeypatch):
+    assert backends.unavailable_reason("triton", "cpu") is None
+    assert backends.resolve("triton", torch.device("cpu")) == "triton"
+    assert backends.resolve("auto", torch.device("cpu")) != "triton"  # CPU "auto" never picks the interpreter
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert "TRITON_INTERPRET=1" in backends.unavailable_reason("triton", "cpu")
+    assert backends.unavailable_reason("triton", "cuda") is None
+    assert "CUDA" in backends.unavailable_reason("triton", "mps")
+
+
+def test_fused_step_op_compiles_into_one_graph():
+    """The custom op is opaque to torch.compile: one graph, no break, same results."""
+    gen = torch.Generator().manual_seed(18)
+    args = call(primal_args(gen, Algorithm.ADAM, sizes=(50,)), Algorithm.ADAM, dual_args([block(gen, 9, 30)]))
+    expected = copy.deepcopy(args)
+    compiled = torch.compile(lambda *a: torch.ops.fused_lagrangian.fused_step_triton(*a) * 1.0, backend="aot_eager",
+                             fullgraph=True)
+    stats = compiled(*args)
+    expected_stats = reference.fused_step(*expected)
+    assert_same(args, expected, stats, expected_stats)
+
+
+# --------------------------------------------------------------------------------------------------
+# The Lagrangian term
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_lagrangian_term_matches_reference(dtype, weighted):
+    gen = torch.Generator().manual_seed(19)
+    violations = torch.randn(2500, generator=gen).to(dtype).requires_grad_()
+    ids = torch.randint(0, 300, (2500,), generator=gen)
+    multipliers = torch.rand(300, generator=gen)
+    weights = torch.rand(2500, generator=gen).to(dtype) if weighted else None
+    term = lagrangian_term_triton(violations, ids, multipliers, weights)
+    (grad,) = torch.autograd.grad(3 * term, violations)
+    expected_term = lagrangian_term(violations, ids, multipliers, weights)
+    (expected_grad,) = torch.autograd.grad(3 * expected_term, violations)
+    assert term.dtype == dtype
+    # Sums in a different order: relative to the sum of magnitudes.  Gradients: exact.
+    scale = float((multipliers[ids] * violations.detach().abs().double()).sum())
+    assert abs(float(term) - float(expected_term)) <= 1e-6 * scale + float(torch.finfo(dtype).eps) * abs(
+        float(expected_term))
+    assert torch.equal(grad, expected_grad)
+
+
+def test_lagrangian_term_of_no_samples_is_zero():
+    term = lagrangian_term_triton(torch.zeros(0, requires_grad=True), torch.zeros(0, dtype=torch.int64),
+                                  torch.ones(3))
+    assert float(term) == 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# What only the compiler sees
+
+
+_COMPILE_CHECK = textwrap.dedent("""
+    import os, torch, triton
+    assert "TRITON_INTERPRET" not in os.environ
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from fused_lagrangian.backends import triton_backend, triton_kernels as k
+    from fused_lagrangian.ops import lagrangian_term_triton as term
+    from fused_lagrangian.ops.lagrangian_term_triton import lagrangian_term_triton
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    # 1. The kernels compile for an H100/H200 (sm_90): the interpreter accepts code that the
+    #    compiler rejects (non-constexpr globals, types that change across branches).  One variant
+    #    (Adam, bf16 parameters, every option on) keeps the compile time down.
+    def compile_for_sm90(kernel, types, constants, num_warps):
+        aligned = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(types) if t.startswith("*")}
+        source = ASTSource(fn=kernel, signature=dict(zip(kernel.arg_names, types)), constexprs=constants,
+                           attrs=aligned)
+        return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+
+    ptx = compile_for_sm90(
+        k.fused_step_kernel,
+        ["*i64", "*i32", "*fp64", "i32", "i32", "*i64", "*i32", "*fp64", "i32", "i32",
+         "*i32", "*i32", "*fp32", "*fp32", "*fp32", "*i32"],
+        dict(ALGORITHM=1, DTYPES=2, ALIGNED=True, HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, HAS_BLOCKS=True,
+             COUNT_STEPS=True, PRIMAL_BLOCK=triton_backend.PRIMAL_BLOCK, PRIMAL_TILES=triton_backend.PRIMAL_TILES,
+             SAMPLE_BLOCK=triton_backend.SAMPLE_BLOCK, FINAL_BLOCK=triton_backend.FINAL_BLOCK,
+             HELPER_CHUNK_LIMIT=0),
+        triton_backend.NUM_WARPS).asm["ptx"]
+    assert "ld.global.v4" in ptx, "full tiles should use 16-byte vector loads"
+    assert "atom.global.gpu.acq_rel.add" in ptx, "tickets are acquire-release atomics"
+    compile_for_sm90(term._forward_kernel, ["*bf16", "*i64", "*fp32", "*bf16", "*bf16", "*fp32", "i32"],
+                     dict(HAS_WEIGHTS=True, ACCUMULATE=triton.language.float32, BLOCK=term.BLOCK), 4)
+    compile_for_sm90(term._backward_kernel, ["*bf16", "*bf16", "*bf16", "i32"],
+                     dict(ACCUMULATE=triton.language.float32, BLOCK=term.BLOCK), 4)
+
+    # 2. torch.compile traces both ops as graph nodes (fake tensors: nothing is launched).
+    def step(p, g, m, v, s, lam, ids, e):
+        return torch.ops.fused_lagrangian.fused_step_triton(
+            [p], [g], [m], [v], [torch.empty(0)], [s], [1e-3, 0.9, 0.999, 1e-8, 0.0], [0], 1,
+            [lam], [torch.empty(0)], [ids], [e], [0.1, 0, 1, 0, 0, 0, float("inf")], [0], None, None)
+    graph = make_fx(step, tracing_mode="fake")(torch.randn(8), torch.randn(8), torch.zeros(8), torch.zeros(8),
+                                               torch.zeros(()), torch.zeros(4), torch.zeros(3, dtype=torch.long),
+                                               torch.randn(3))
+    assert "fused_step_triton" in graph.code
+    graph = make_fx(lambda v, i, l: lagrangian_term_triton(v, i, l), tracing_mode="fake")(
+        torch.randn(8), torch.zeros(8, dtype=torch.long), torch.rand(4))
+    assert "lagrangian_term_forward" in graph.code
+    print("ok")
+""")
+
+
+def test_kernel_compiles_for_sm90_and_ops_trace():
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _COMPILE_CHECK], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
