@@ -121,7 +121,20 @@ void check_scalar(const std::optional<at::Tensor>& scalar, c10::Device device, c
               scalar->device(), " but the step runs on ", device);
 }
 
+void bump(at::TensorList tensors) {
+  for (const at::Tensor& t : tensors) {
+    if (t.defined() && !t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+  }
+}
+
 }  // namespace
+
+void bump_versions(const StepArguments& args) {
+  for (at::TensorList list : {args.params, args.exp_avgs, args.exp_avg_sqs, args.max_exp_avg_sqs, args.steps,
+                              args.multipliers, args.dual_states}) {
+    bump(list);
+  }
+}
 
 void check_step_arguments(const StepArguments& args, c10::Device device) {
   check_primal(args, device);

@@ -33,6 +33,11 @@ struct StepArguments {
 // range-checked by the kernels themselves (on CUDA that would need a host sync).
 void check_step_arguments(const StepArguments& args, c10::Device device);
 
+// Bumps the version counter of every tensor the step updates, as torch's in-place ops do, so that
+// autograd notices a parameter saved for backward and then stepped.  The dispatcher does not do it
+// for a custom op's mutable arguments.
+void bump_versions(const StepArguments& args);
+
 // Parameter tensors may be strided (channels_last) as long as every tensor of an entry shares the
 // parameter's dense layout: the update is elementwise, so it walks the storage in memory order.
 bool shares_dense_layout(const at::Tensor& tensor, const at::Tensor& param);

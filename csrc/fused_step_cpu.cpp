@@ -311,6 +311,7 @@ at::Tensor fused_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
     }
   }
   at::Tensor stats = at::zeros({args.num_blocks(), kStatsColumns}, at::TensorOptions().dtype(at::kFloat));
+  bump_versions(args);
   if (found_inf.has_value() && found_inf->item<float>() != 0.0f) return stats;
   const float inv_scale =
       grad_scale.has_value() ? static_cast<float>(1.0 / static_cast<double>(grad_scale->item<float>())) : 1.0f;

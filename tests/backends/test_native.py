@@ -22,6 +22,10 @@ from fused_lagrangian.contract import DUAL_HPARAMS, Algorithm, DualFlag, PrimalF
 
 NATIVE_REASON = backends.unavailable_reason("native", "cpu")
 pytestmark = pytest.mark.skipif(NATIVE_REASON is not None, reason=f"native backend: {NATIVE_REASON}")
+# The same properties run on a GPU when there is one and the extension has its CUDA kernel
+# (bench/gpu_check.py runs them there).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and backends.unavailable_reason("native", "cuda") is None
+                     else [])
 
 # Sizes straddling vector widths (4, 8, 16 floats) and the kernel's 32768-element chunks.
 SIZES = [0, 1, 7, 16, 17, 33, 255, 1000, 32768 + 5]
@@ -57,6 +61,7 @@ class Problem:
     num_constraints: list[int]
     batches: list[int]
     generator: torch.Generator
+    device: str
 
     @property
     def params(self): return self.args[0]
@@ -77,13 +82,14 @@ class Problem:
             block_ids = torch.randint(0, k, (batch,), generator=g)
             if batch >= 4:
                 block_ids[:4] = torch.tensor([0, k - 1, 0, k - 1])
-            ids.append(block_ids)
-            violations.append(torch.randn(batch, generator=g))
+            ids.append(block_ids.to(self.device))
+            violations.append(torch.randn(batch, generator=g).to(self.device))
         self.args[11], self.args[12] = ids, violations
 
 
 def random_problem(seed: int, algorithm: Algorithm, dtype: torch.dtype, primal_flags: int = 0,
-                   hparams: tuple = (), num_blocks: int = 3, sizes: list[int] = SIZES) -> Problem:
+                   hparams: tuple = (), num_blocks: int = 3, sizes: list[int] = SIZES, device: str = "cpu") -> Problem:
+    """Drawn on the CPU (the same problem whatever the device), then moved to ``device``."""
     g = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
@@ -119,10 +125,13 @@ def random_problem(seed: int, algorithm: Algorithm, dtype: torch.dtype, primal_f
         lam = torch.rand(k, generator=g) * (2 if equality else 1) - (1 if equality else 0)
         multipliers.append(lam)
         dual_states.append(torch.randn(k, generator=g) if flags & DualFlag.NUPI else torch.empty(0))
+    moved = [[t.to(device) for t in tensors] for tensors in (params, grads, exp_avgs, exp_avg_sqs,
+                                                             max_exp_avg_sqs, steps, multipliers, dual_states)]
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, multipliers, dual_states = moved
     args = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, primal_hparams,
             [int(primal_flags)] * len(params), int(algorithm), multipliers, dual_states, None, None, dual_hparams,
             dual_flags, None, None]
-    problem = Problem(args, num_constraints, batches, g)
+    problem = Problem(args, num_constraints, batches, g, device)
     problem.new_batch()
     return problem
 
@@ -158,38 +167,46 @@ SGD_OPTIONS = [
 CASES = [(Algorithm.ADAM, flags, hp) for flags, hp in ADAM_OPTIONS] + [(Algorithm.SGD, f, hp) for f, hp in SGD_OPTIONS]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("case", range(len(CASES)))
-def test_native_matches_reference_over_20_steps(case, dtype):
+def compare_with_reference(backend: str, case: int, dtype: torch.dtype, device: str = "cpu", steps: int = 20):
+    """Runs CASES[case] for ``steps`` steps on ``backend`` and on the reference, asserting after each."""
     algorithm, flags, hp = CASES[case]
-    native = random_problem(case, algorithm, dtype, flags, hp)
-    reference = copy.deepcopy(native)
-    for step in range(20):
+    candidate = random_problem(case, algorithm, dtype, flags, hp, device=device)
+    reference = copy.deepcopy(candidate)
+    candidate_step, reference_step_fn = backends.fused_step_of(backend), reference_step()
+    for step in range(steps):
         if step == 1 and flags & PrimalFlag.FIRST_MOMENTUM_STEP:
-            for problem in (native, reference):  # the momentum buffer is seeded only at the first step
+            for problem in (candidate, reference):  # the momentum buffer is seeded only at the first step
                 problem.args[7] = [int(flags & ~PrimalFlag.FIRST_MOMENTUM_STEP)] * len(problem.params)
-        multipliers_before = [lam.clone() for lam in native.multipliers]
-        states_before = [xi.clone() for xi in native.dual_states]
-        native_stats = native_step()(*native.args)
-        reference_stats = reference_step()(*reference.args)
-        torch.testing.assert_close(native_stats, reference_stats, rtol=1e-6, atol=1e-6)
-        assert_same_state(native, reference)
-        for j, ids in enumerate(native.args[11]):
-            untouched = torch.ones(native.num_constraints[j], dtype=torch.bool)
+        multipliers_before = [lam.clone() for lam in candidate.multipliers]
+        states_before = [xi.clone() for xi in candidate.dual_states]
+        stats = candidate_step(*candidate.args)
+        reference_stats = reference_step_fn(*reference.args)
+        torch.testing.assert_close(stats, reference_stats, rtol=1e-6, atol=1e-6)
+        assert_same_state(candidate, reference)
+        for j, ids in enumerate(candidate.args[11]):
+            untouched = torch.ones(candidate.num_constraints[j], dtype=torch.bool, device=device)
             untouched[ids] = False
-            assert torch.equal(native.multipliers[j][untouched], multipliers_before[j][untouched])
+            assert torch.equal(candidate.multipliers[j][untouched], multipliers_before[j][untouched])
             if states_before[j].numel():
-                assert torch.equal(native.dual_states[j][untouched], states_before[j][untouched])
-        assert native_stats[0].eq(0).all(), "a block with no pending sample has zero statistics"
-        native.new_batch()
+                assert torch.equal(candidate.dual_states[j][untouched], states_before[j][untouched])
+        assert stats[0].eq(0).all(), "a block with no pending sample has zero statistics"
+        candidate.new_batch()
         reference.new_batch()
 
 
-def test_found_inf_skips_everything_and_grad_scale_divides():
-    problem = random_problem(0, Algorithm.ADAM, torch.float32, 0, ADAM_OPTIONS[0][1])
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_native_matches_reference_over_20_steps(case, dtype, device):
+    compare_with_reference("native", case, dtype, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_found_inf_skips_everything_and_grad_scale_divides(device):
+    problem = random_problem(0, Algorithm.ADAM, torch.float32, 0, ADAM_OPTIONS[0][1], device=device)
     before = [t.clone() for t in tensors_of(problem)]
     args = list(problem.args)
-    args[15], args[16] = torch.tensor([1024.0]), torch.tensor([1.0])
+    args[15], args[16] = torch.tensor([1024.0], device=device), torch.tensor([1.0], device=device)
     stats = native_step()(*args)
     assert all(torch.equal(a, b) for a, b in zip(tensors_of(problem), before))
     assert stats.eq(0).all()
@@ -199,7 +216,7 @@ def test_found_inf_skips_everything_and_grad_scale_divides():
     for grad in scaled.grads:
         grad.mul_(1024.0)
     args = list(scaled.args)
-    args[15], args[16] = torch.tensor([1024.0]), torch.tensor([0.0])
+    args[15], args[16] = torch.tensor([1024.0], device=device), torch.tensor([0.0], device=device)
     native_step()(*args)
     native_step()(*problem.args)
     assert all(torch.equal(a, b) for a, b in zip(tensors_of(scaled), tensors_of(problem)))
@@ -216,35 +233,42 @@ def test_threads_do_not_change_results():
     assert all(torch.equal(a, b) for a, b in zip(tensors_of(one), tensors_of(two)))
 
 
-def test_large_indexed_block_touches_only_its_batch():
+@pytest.mark.parametrize("device", DEVICES)
+def test_large_indexed_block_touches_only_its_batch(device):
     # 10^7 constraints: the step's reduction is sized by the batch, not by K (timing lives in bench/).
     k, batch = 10**7, 4096
     g = torch.Generator().manual_seed(0)
-    lam = torch.rand(k, generator=g)
+    lam = torch.rand(k, generator=g).to(device)
     ids = torch.randint(0, k, (batch,), generator=g)
     ids[:3] = torch.tensor([0, k - 1, 0])
-    violations = torch.randn(batch, generator=g)
+    ids = ids.to(device)
+    violations = torch.randn(batch, generator=g).to(device)
     hp = [0.1, 0.0, 1.0, 0.0, 0.0, 0.0, math.inf]
     expected = lam.clone()
-    reference_step()([], [], [], [], [], [], [], [], 1, [expected], [torch.empty(0)], [ids], [violations], hp, [0])
-    native_step()([], [], [], [], [], [], [], [], 1, [lam], [torch.empty(0)], [ids], [violations], hp, [0])
-    assert torch.equal(lam, expected)
+    empty = torch.empty(0, device=device)
+    reference_step()([], [], [], [], [], [], [], [], 1, [expected], [empty], [ids], [violations], hp, [0])
+    native_step()([], [], [], [], [], [], [], [], 1, [lam], [empty], [ids], [violations], hp, [0])
+    # Atomics on a GPU sum duplicates in any order: equal up to rounding there, bitwise on the CPU.
+    torch.testing.assert_close(lam, expected, rtol=1e-6, atol=1e-6)
+    if device == "cpu":
+        assert torch.equal(lam, expected)
 
 
-def test_int32_ids_and_channels_last_params():
-    param = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
+@pytest.mark.parametrize("device", DEVICES)
+def test_int32_ids_and_channels_last_params(device):
+    param = torch.randn(2, 3, 4, 5, device=device).to(memory_format=torch.channels_last)
     grad = torch.randn_like(param)
     exp_avg, exp_avg_sq = torch.zeros_like(param), torch.zeros_like(param)
-    lam = torch.zeros(10)
-    ids = torch.tensor([1, 9, 1, 0], dtype=torch.int32)
-    violations = torch.tensor([1.0, 2.0, 3.0, -1.0])
+    lam = torch.zeros(10, device=device)
+    ids = torch.tensor([1, 9, 1, 0], dtype=torch.int32, device=device)
+    violations = torch.tensor([1.0, 2.0, 3.0, -1.0], device=device)
+    empty, step = torch.empty(0, device=device), torch.tensor(0.0, device=device)
     hp = [1e-2, 0.9, 0.999, 1e-8, 0.0]
     expected = [t.clone() for t in (param, exp_avg, exp_avg_sq, lam)]
-    reference_step()([expected[0]], [grad], [expected[1]], [expected[2]], [torch.empty(0)], [torch.tensor(0.0)],
-                     hp, [0], 1, [expected[3]], [torch.empty(0)], [ids.long()], [violations],
-                     [0.1, 0, 1, 0, 0, 0, math.inf], [0])
-    native_step()([param], [grad], [exp_avg], [exp_avg_sq], [torch.empty(0)], [torch.tensor(0.0)], hp, [0], 1,
-                  [lam], [torch.empty(0)], [ids], [violations], [0.1, 0, 1, 0, 0, 0, math.inf], [0])
+    reference_step()([expected[0]], [grad], [expected[1]], [expected[2]], [empty], [step.clone()], hp, [0], 1,
+                     [expected[3]], [empty], [ids.long()], [violations], [0.1, 0, 1, 0, 0, 0, math.inf], [0])
+    native_step()([param], [grad], [exp_avg], [exp_avg_sq], [empty], [step], hp, [0], 1,
+                  [lam], [empty], [ids], [violations], [0.1, 0, 1, 0, 0, 0, math.inf], [0])
     for got, want in zip((param, exp_avg, exp_avg_sq, lam), expected):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     assert lam.tolist()[:2] == pytest.approx([0.0, 0.4]) and lam[9].item() == pytest.approx(0.2)
@@ -275,20 +299,20 @@ def test_auto_picks_native_on_cpu_and_reports_its_build():
 # --------------------------------------------------------------------------------------------------
 # Drop-in parity with torch.optim through the optimizer classes (no constraint block).
 
-def model_params(seed: int) -> list[torch.Tensor]:
+def model_params(seed: int, device: str) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(*shape, generator=g) for shape in [(33, 17), (17,), (1000,), (4, 4, 3)]]
+    return [torch.randn(*shape, generator=g).to(device) for shape in [(33, 17), (17,), (1000,), (4, 4, 3)]]
 
 
-def assert_optimizer_parity(ours_cls, theirs_cls, steps: int, **options) -> None:
-    ours = [p.clone().requires_grad_() for p in model_params(0)]
-    theirs = [p.clone().requires_grad_() for p in model_params(0)]
+def assert_optimizer_parity(ours_cls, theirs_cls, steps: int, device: str = "cpu", **options) -> None:
+    ours = [p.clone().requires_grad_() for p in model_params(0, device)]
+    theirs = [p.clone().requires_grad_() for p in model_params(0, device)]
     ours_opt = ours_cls(ours, backend="native", **options)
     theirs_opt = theirs_cls(theirs, **options)
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):
         for a, b in zip(ours, theirs):
-            grad = torch.randn(a.shape, generator=g)
+            grad = torch.randn(a.shape, generator=g).to(device)
             a.grad, b.grad = grad.clone(), grad.clone()
         ours_opt.step()
         theirs_opt.step()
@@ -296,9 +320,10 @@ def assert_optimizer_parity(ours_cls, theirs_cls, steps: int, **options) -> None
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("options", [dict(lr=1e-2), dict(lr=1e-2, amsgrad=True, weight_decay=0.1, maximize=True)])
-def test_lagrangian_adam_equals_torch_adam_over_100_steps(options):
-    assert_optimizer_parity(LagrangianAdam, torch.optim.Adam, 100, **options)
+def test_lagrangian_adam_equals_torch_adam_over_100_steps(options, device):
+    assert_optimizer_parity(LagrangianAdam, torch.optim.Adam, 100, device, **options)
 
 
 def test_lagrangian_adamw_equals_torch_adamw():
@@ -309,3 +334,12 @@ def test_lagrangian_adamw_equals_torch_adamw():
                                      dict(lr=0.05, momentum=0.5, dampening=0.2, maximize=True)])
 def test_lagrangian_sgd_equals_torch_sgd(options):
     assert_optimizer_parity(LagrangianSGD, torch.optim.SGD, 50, **options)
+
+
+def test_step_bumps_version_counters_like_torch_in_place_ops():
+    param = torch.randn(4, requires_grad=True)
+    loss = (param * param).sum()  # saves param for backward
+    param.grad = torch.ones(4)
+    LagrangianSGD([param], lr=0.1, backend="native").step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
