@@ -102,7 +102,9 @@ def test_targets_are_evaluated_and_reported(run):
     for target in results["targets"]:
         assert target["met"] == (target["value"] <= target["threshold"] if target["comparison"] == "<="
                                  else target["value"] >= target["threshold"])
-        assert ("target met" if target["met"] else "target MISSED") in markdown
+        verdict = "met" if target["met"] else "**MISSED**"
+        assert f"{target['value']:.2f} {verdict}" in markdown
+        assert f"| {target['target']} | {target['case']} |" in markdown
 
 
 def test_interleaving_runs_every_candidate_equally():

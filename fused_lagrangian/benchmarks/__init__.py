@@ -50,6 +50,7 @@ def run_cases(selected: Iterable[Case], out_dir: str, *, repetitions: int, sampl
         "command": command,
         "machine": machine.describe(device),
         "settings": {"repetitions": repetitions, "sample_seconds": sample_seconds},
+        "load_average_start": machine.load_average(),
         "cases": [],
     }
     names = fused_backends(device)
@@ -72,6 +73,7 @@ def run_cases(selected: Iterable[Case], out_dir: str, *, repetitions: int, sampl
                 log(f"    {name:<18} {entry['median_s'] * 1e3:10.3f} ms  x{entry['ratio_to_torch_fused'] or 0:.2f}")
     finally:
         torch.set_num_threads(threads)
+    results["load_average_end"] = machine.load_average()
     results["targets"] = targets.evaluate(results["cases"])
     results["wall_s"] = time.perf_counter() - start
     results["plots"] = plots.draw(results, out_dir)

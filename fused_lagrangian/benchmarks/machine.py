@@ -40,6 +40,14 @@ def _version(distribution: str) -> str | None:
         return None
 
 
+def load_average() -> list[float] | None:
+    """1, 5 and 15 minute load averages: other processes competing for the cores make timings noisy."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def describe(device: torch.device) -> dict:
     backend_status = {name: backends.unavailable_reason(name, device.type) or "available"
                       for name in backends.names()}

@@ -104,7 +104,9 @@ def draw(results: dict, out_dir: str) -> list[str]:
         figure, axes = plt.subplots(1, 2, figsize=(13, 4.8))
         for axis, with_blocks in zip(axes, (False, True)):
             subset = [r for r in params if bool(r["config"]["blocks"]) == with_blocks]
-            title = "Step alone, Adam, " + ("indexed 1e6 + grouped 1e3 blocks, B=4096" if with_blocks else "no blocks")
+            blocks = " + ".join(f"{b['kind']} K={b['num_constraints']:.0e}, B={b['batch']}"
+                                for b in subset[0]["config"]["blocks"]) if subset else ""
+            title = "Step alone, Adam, " + (blocks or "no blocks")
             _series_plot(axis, subset, lambda r: r["config"]["num_params"], "parameters (8 tensors)", title)
         save(figure, "step_vs_params.png")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 
-from .targets import format_line
 
 SCHEMA = "fused_lagrangian.bench/1"
 CANDIDATE_ORDER = ("fused:", "cooper", "unfused", "torch_fused", "ceiling")
@@ -42,6 +41,13 @@ def write_json(results: dict, path: str) -> None:
         json.dump(results, out, indent=1)
 
 
+def _busy(results: dict) -> bool:
+    cpus = results["machine"]["logical_cpus"] or 1
+    # Only the load before the run counts: the load at the end includes the benchmark itself.
+    load = results["load_average_start"]
+    return load is not None and load[0] > 0.5 * cpus
+
+
 def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.3f}"
 
@@ -52,6 +58,23 @@ def _ratio(value) -> str:
 
 def _percent(value) -> str:
     return "–" if value is None else f"{100 * value:.0f}%"
+
+
+def targets_table(found: list[dict]) -> list[str]:
+    """One row per (target, case), one column per candidate: the value and met / MISSED."""
+    if not found:
+        return ["(no target applies to this run)"]
+    names = ordered({t["candidate"] for t in found})
+    rows: dict[tuple, dict] = {}
+    for target in found:
+        key = (target["target"], target["case"], f"{target['comparison']} {target['threshold']:g}")
+        rows.setdefault(key, {})[target["candidate"]] = target
+    lines = ["| target | case | needs | " + " | ".join(names) + " |", "|---" * (len(names) + 3) + "|"]
+    for (name, case, needs), by_candidate in rows.items():
+        cells = ["–" if n not in by_candidate else
+                 f"{by_candidate[n]['value']:.2f} {'met' if by_candidate[n]['met'] else '**MISSED**'}" for n in names]
+        lines.append(f"| {name} | {case} | {needs} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def headline_rows(results: dict) -> list[dict]:
@@ -103,7 +126,9 @@ def write_markdown(results: dict, path: str) -> None:
         f"{machine['cooper_optim_version']}.  ",
         "Backends: " + ", ".join(f"{name}: {status}" for name, status in machine["backends"].items())
         + f"; auto picks `{machine['auto_backend']}`.  ",
-        f"Total wall time {results['wall_s']:.0f} s.",
+        f"Total wall time {results['wall_s']:.0f} s. Load average (1, 5, 15 min) at start "
+        f"{results['load_average_start']}, at end {results['load_average_end']} (includes this run)"
+        + (" (other processes were competing for the cores: expect noise)" if _busy(results) else "") + ".",
         "",
         f"Every figure is the median over {settings['repetitions']} interleaved repetitions (each the mean over "
         "several consecutive steps; all candidates take the same steps on identical tensors) with the min and max "
@@ -116,7 +141,7 @@ def write_markdown(results: dict, path: str) -> None:
     ]
     lines += [f"- `{prefix.rstrip(':')}`: {note}" for prefix, note in CANDIDATE_NOTES.items()]
     lines += ["", "## Targets", ""]
-    lines += [f"- {format_line(target)}" for target in results["targets"]] or ["- (no target applies to this run)"]
+    lines += targets_table(results["targets"])
     lines += ["", "## Headline", "", headline_table(results), ""]
     for sweep in dict.fromkeys(record["sweep"] for record in results["cases"]):
         lines += [f"## Sweep `{sweep}`", "",

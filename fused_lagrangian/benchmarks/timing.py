@@ -61,10 +61,3 @@ def time_interleaved(steps: dict[str, Callable[[], None]], *, repetitions: int, 
             samples[name].append((time.perf_counter() - start) / inner)
     return {name: Timing(samples[name]) for name in names}
 
-
-def steps_per_sample(step: Callable[[], None], target_seconds: float, max_inner: int = 1000) -> int:
-    """How many steps make one sample last about ``target_seconds`` (from one timed trial step)."""
-    start = time.perf_counter()
-    step()
-    elapsed = max(time.perf_counter() - start, 1e-6)
-    return int(max(1, min(max_inner, round(target_seconds / elapsed))))
