@@ -170,6 +170,8 @@ def _rate_metrics(weight: Tensor, bias: Tensor, inputs: Tensor, labels: Tensor) 
 
 
 def print_examples_table(backend: str = "auto", epsilon: float = 0.5, rate_dual_lr: float = 1e-2,
+                         concave_penalties: Sequence[float] = CONCAVE_PENALTIES,
+                         rate_penalties: Sequence[float] = RATE_PENALTIES, rate_steps: int = 10_000,
                          file: Optional[object] = None) -> None:
     """Lagrangian vs each penalty of the grid, for both examples."""
     def show(line: str = "") -> None:
@@ -180,13 +182,14 @@ def print_examples_table(backend: str = "auto", epsilon: float = 0.5, rate_dual_
     show(f"{'method':<22}{'x':>9}{'y':>9}{'h - eps':>11}{'f':>9}{'multiplier':>12}")
     runs = [("lagrangian", concave_example(epsilon, backend=backend))]
     runs += [(f"penalty c={c:g}", concave_example(epsilon, "penalty", penalty=c, backend=backend))
-             for c in CONCAVE_PENALTIES]
+             for c in concave_penalties]
     for label, r in runs:
         show(f"{label:<22}{r['x']:>9.4f}{r['y']:>9.4f}{r['h'] - epsilon:>11.4f}{r['f']:>9.4f}{r['multiplier']:>12.4f}")
     show()
-    show(f"Rate example: at least {RATE_TARGET:.0%} predicted class 0 (10,000 full-batch SGD steps)")
+    show(f"Rate example: at least {RATE_TARGET:.0%} predicted class 0 ({rate_steps:,} full-batch SGD steps)")
     show(f"{'method':<22}{'predicted 0':>13}{'accuracy':>10}{'multiplier':>12}")
-    runs = [(f"lagrangian lr={rate_dual_lr:g}", rate_example(dual_lr=rate_dual_lr, backend=backend))]
-    runs += [(f"penalty c={r['multiplier']:.3g}", r) for r in penalty_grid(backend=backend)]
+    runs = [(f"lagrangian lr={rate_dual_lr:g}", rate_example(dual_lr=rate_dual_lr, steps=rate_steps, backend=backend))]
+    runs += [(f"penalty c={r['multiplier']:.3g}", r)
+             for r in penalty_grid(rate_penalties, steps=rate_steps, backend=backend)]
     for label, r in runs:
         show(f"{label:<22}{r['predicted_0']:>13.1%}{r['accuracy']:>10.1%}{r['multiplier']:>12.4g}")

@@ -106,8 +106,10 @@ BAD_INPUTS = {
     "inf value": ("dense_block", dict(values=values(1, INF, 3)), "NaN or inf"),
     "-inf value dual-first": ("first_block", dict(values=values(-INF)), "NaN or inf"),
     "NaN value dual-first": ("first_block", dict(values=values(NAN)), "NaN or inf"),
-    "NaN dual_values": ("grouped_block", dict(values=values(1, 2), ids=ids(0, 1), dual_values=values(NAN, 1)), "NaN or inf"),
-    "inf dual_values": ("grouped_block", dict(values=values(1, 2), ids=ids(0, 1), dual_values=values(1, INF)), "NaN or inf"),
+    "NaN dual_values": ("grouped_block", dict(values=values(1, 2), ids=ids(0, 1), dual_values=values(NAN, 1)),
+                        "NaN or inf"),
+    "inf dual_values": ("grouped_block", dict(values=values(1, 2), ids=ids(0, 1), dual_values=values(1, INF)),
+                        "NaN or inf"),
 }
 
 

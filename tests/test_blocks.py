@@ -30,7 +30,7 @@ def step(optimizer, param, *terms_fns) -> None:
 
 
 def ascent(lam: list[float], g: list[float], lr: float, lower: float = 0.0, upper: float = math.inf) -> list[float]:
-    return [min(max(l + lr * gk, lower), upper) for l, gk in zip(lam, g)]
+    return [min(max(lam_k + lr * g_k, lower), upper) for lam_k, g_k in zip(lam, g)]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -195,7 +195,8 @@ class CooperProblem(cooper.ConstrainedMinimizationProblem):
         self.problem, self.theta = problem, theta
         self.cooper_constraints = {}
         for c in problem.constraints:
-            multiplier_cls = cooper.multipliers.IndexedMultiplier if c.kind == "indexed" else cooper.multipliers.DenseMultiplier
+            multipliers = cooper.multipliers
+            multiplier_cls = multipliers.IndexedMultiplier if c.kind == "indexed" else multipliers.DenseMultiplier
             constraint_type = cooper.ConstraintType.EQUALITY if c.sense == "==" else cooper.ConstraintType.INEQUALITY
             constraint = cooper.Constraint(constraint_type=constraint_type,
                                            multiplier=multiplier_cls(num_constraints=c.num_constraints))
@@ -232,8 +233,9 @@ def run_cooper(problem: Problem) -> list:
     trajectory = []
     for step in range(STEPS):
         optimizer.roll(compute_cmp_state_kwargs={"step": step})
-        trajectory.append([theta.detach().clone()] + [cmp.cooper_constraints[c.name].multiplier.weight.detach().flatten().clone()
-                                                      for c in problem.constraints])
+        multipliers = [cmp.cooper_constraints[c.name].multiplier.weight.detach().flatten().clone()
+                       for c in problem.constraints]
+        trajectory.append([theta.detach().clone()] + multipliers)
     return trajectory
 
 

@@ -107,7 +107,8 @@ def test_param_groups_with_different_options(backend, kind, groups):
 
 @pytest.mark.parametrize("kind", ["SGD", "Adam"])
 def test_step_lr_scheduler(backend, kind):
-    (ours_model, ours), (torch_model, theirs) = both(kind, backend, lr=0.05, **({"momentum": 0.9} if kind == "SGD" else {}))
+    options = dict(lr=0.05, momentum=0.9) if kind == "SGD" else dict(lr=0.05)
+    (ours_model, ours), (torch_model, theirs) = both(kind, backend, **options)
     train(ours_model, ours, range(100), torch.optim.lr_scheduler.StepLR(ours, step_size=10, gamma=0.7))
     train(torch_model, theirs, range(100), torch.optim.lr_scheduler.StepLR(theirs, step_size=10, gamma=0.7))
     assert_same_parameters(ours_model, torch_model)
