@@ -32,6 +32,8 @@ from typing import Callable, Hashable, Optional
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.autograd.graph import increment_version
 
 from ..contract import DUAL_HPARAMS, PRIMAL_HPARAMS, STATS_COLUMNS, Algorithm
 from . import Backend, register
@@ -95,11 +97,21 @@ def fused_step(
     found_inf: Optional[Tensor] = None,
 ) -> Tensor:
     """contract.py's ``fused_step`` as one Triton launch."""
-    return _fused_step_op(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, [float(h) for h in primal_hparams],
-        [int(f) for f in primal_flags], int(algorithm), multipliers, dual_states, ids, violations,
-        [float(h) for h in dual_hparams], [int(f) for f in dual_flags], grad_scale, found_inf,
-    )
+    if torch.compiler.is_compiling() or any(isinstance(t, FakeTensor) for t in params[:1] + multipliers[:1]):
+        # Traced: one opaque graph node with declared mutations.
+        return _fused_step_op(
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, [float(h) for h in primal_hparams],
+            [int(f) for f in primal_flags], int(algorithm), multipliers, dual_states, ids, violations,
+            [float(h) for h in dual_hparams], [int(f) for f in dual_flags], grad_scale, found_inf,
+        )
+    # Eager: the custom op's Python dispatch handles every list element and costs several times the
+    # launch itself for a model with hundreds of tensors, so run its body and bump the version
+    # counters of the mutated tensors as the op would (autograd then detects stale saved tensors).
+    stats = _launch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, primal_hparams, primal_flags,
+                    algorithm, multipliers, dual_states, ids, violations, dual_hparams, dual_flags, grad_scale,
+                    found_inf)
+    increment_version([*params, *exp_avgs, *exp_avg_sqs, *max_exp_avg_sqs, *steps, *multipliers, *dual_states])
+    return stats
 
 
 @torch.library.custom_op("fused_lagrangian::fused_step_triton", mutates_args=_MUTATED_ARGS)
@@ -235,10 +247,12 @@ class _DualPlan:
 
 def _primal_plan(device, anchor, algorithm, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
                  steps) -> _PrimalPlan:
+    # Addresses, sizes and dtypes are everything the tables encode (a layout change at the same address
+    # and size is not detected).  map() over the C methods: this key is built on every call.
     key = (device, anchor.data_ptr(), algorithm,
-           *(tuple(t.data_ptr() for t in tensors) for tensors in (params, grads, exp_avgs, exp_avg_sqs,
-                                                                    max_exp_avg_sqs, steps)),
-           tuple((p.numel(), p.dtype) for p in params))
+           *(tuple(map(Tensor.data_ptr, tensors)) for tensors in (params, grads, exp_avgs, exp_avg_sqs,
+                                                                  max_exp_avg_sqs, steps)),
+           tuple(map(Tensor.numel, params)), tuple(p.dtype for p in params))
     return _primal_plans.get(key, lambda: _build_primal_plan(device, anchor, algorithm, params, grads, exp_avgs,
                                                               exp_avg_sqs, max_exp_avg_sqs, steps))
 
@@ -247,11 +261,9 @@ def _build_primal_plan(device, anchor, algorithm, params, grads, exp_avgs, exp_a
                        steps) -> _PrimalPlan:
     from . import triton_kernels as k
 
-    num_tensors = len(params)
     is_adam = algorithm == Algorithm.ADAM
-    table = torch.zeros((k.TENSOR_ROWS.value, num_tensors), dtype=torch.int64)
-    chunks = torch.zeros(num_tensors, dtype=torch.int64)
-    chunk_elements = PRIMAL_BLOCK * PRIMAL_TILES
+    table = [[0] * len(params) for _ in range(k.TENSOR_ROWS.value)]
+    chunks = []
     dtypes = 0
     aligned = True
     first_chunk = 0
@@ -262,20 +274,22 @@ def _build_primal_plan(device, anchor, algorithm, params, grads, exp_avgs, exp_a
         dtypes |= 1 << code
         rows = (k.TENSOR_PARAM, k.TENSOR_GRAD, k.TENSOR_EXP_AVG, k.TENSOR_EXP_AVG_SQ, k.TENSOR_MAX_EXP_AVG_SQ)
         for row, tensor in zip(rows, (param, grad, *state)):
-            table[row.value, i] = _element_offset(tensor, anchor)
+            table[row.value][i] = _element_offset(tensor, anchor)
             aligned &= tensor.numel() == 0 or tensor.data_ptr() % 16 == 0
         if is_adam:
             step = steps[i]
             if step.device != device or step.dtype != torch.float32 or step.numel() != 1:
                 raise ValueError(f"triton backend: steps[{i}] must be a 1-element float32 tensor on {device}")
-            table[k.TENSOR_STEP.value, i] = step.data_ptr()
-        chunks[i] = math.ceil(param.numel() / chunk_elements)
-        table[k.TENSOR_NUMEL.value, i] = param.numel()
-        table[k.TENSOR_FIRST_CHUNK.value, i] = first_chunk
-        table[k.TENSOR_DTYPE.value, i] = code
-        first_chunk += int(chunks[i])
-    chunk_owner = torch.repeat_interleave(torch.arange(num_tensors, dtype=torch.int32), chunks)
-    return _PrimalPlan(_to_device(table, device), _to_device(chunk_owner, device), first_chunk, dtypes, aligned)
+            table[k.TENSOR_STEP.value][i] = step.data_ptr()
+        chunks.append(math.ceil(param.numel() / (PRIMAL_BLOCK * PRIMAL_TILES)))
+        table[k.TENSOR_NUMEL.value][i] = param.numel()
+        table[k.TENSOR_FIRST_CHUNK.value][i] = first_chunk
+        table[k.TENSOR_DTYPE.value][i] = code
+        first_chunk += chunks[-1]
+    chunk_owner = torch.repeat_interleave(torch.arange(len(params), dtype=torch.int32),
+                                          torch.tensor(chunks, dtype=torch.int64))
+    return _PrimalPlan(_to_device(torch.tensor(table, dtype=torch.int64), device), _to_device(chunk_owner, device),
+                       first_chunk, dtypes, aligned)
 
 
 def _element_offset(tensor: Tensor, anchor: Tensor) -> int:
@@ -319,17 +333,16 @@ def _is_dense(tensor: Tensor) -> bool:
 
 
 def _dual_plan(device, multipliers, dual_states, ids, violations) -> _DualPlan:
-    key = (device, tuple((lam.data_ptr(), lam.numel(), xi.data_ptr(), i.data_ptr(), i.numel(), v.data_ptr())
-                         for lam, xi, i, v in zip(multipliers, dual_states, ids, violations)))
+    key = (device, *(tuple(map(Tensor.data_ptr, tensors)) for tensors in (multipliers, dual_states, ids, violations)),
+           tuple(map(Tensor.numel, multipliers)), tuple(map(Tensor.numel, ids)))
     return _dual_plans.get(key, lambda: _build_dual_plan(device, multipliers, dual_states, ids, violations))
 
 
 def _build_dual_plan(device, multipliers, dual_states, ids, violations) -> _DualPlan:
     from . import triton_kernels as k
 
-    num_blocks = len(multipliers)
-    table = torch.zeros((k.BLOCK_ROWS.value, num_blocks), dtype=torch.int64)
-    programs = torch.zeros(num_blocks, dtype=torch.int64)
+    table = [[0] * len(multipliers) for _ in range(k.BLOCK_ROWS.value)]
+    programs = []
     offset = 0
     first_program = 0
     for j, (lam, xi, block_ids, block_violations) in enumerate(zip(multipliers, dual_states, ids, violations)):
@@ -341,18 +354,20 @@ def _build_dual_plan(device, multipliers, dual_states, ids, violations) -> _Dual
             raise ValueError(f"triton backend: ids[{j}] and violations[{j}] must be 1-D, equal length, on {device}")
         rows = (k.BLOCK_MULTIPLIERS, k.BLOCK_DUAL_STATE, k.BLOCK_IDS, k.BLOCK_VIOLATIONS)
         for row, tensor in zip(rows, (lam, xi, block_ids, block_violations)):
-            table[row.value, j] = tensor.data_ptr()
-        programs[j] = math.ceil(block_ids.numel() / SAMPLE_BLOCK)
-        table[k.BLOCK_NUM_SAMPLES.value, j] = block_ids.numel()
-        table[k.BLOCK_FIRST_PROGRAM.value, j] = first_program
-        table[k.BLOCK_ACCUMULATOR_OFFSET.value, j] = offset
-        first_program += int(programs[j])
+            table[row.value][j] = tensor.data_ptr()
+        programs.append(math.ceil(block_ids.numel() / SAMPLE_BLOCK))
+        table[k.BLOCK_NUM_SAMPLES.value][j] = block_ids.numel()
+        table[k.BLOCK_FIRST_PROGRAM.value][j] = first_program
+        table[k.BLOCK_ACCUMULATOR_OFFSET.value][j] = offset
+        first_program += programs[-1]
         offset += lam.numel()
-    sample_owner = torch.repeat_interleave(torch.arange(num_blocks, dtype=torch.int32), programs)
-    if num_blocks and first_program == 0:
-        # Every block is empty: one program still finalises, i.e. writes the (zero) statistics.
+    sample_owner = torch.repeat_interleave(torch.arange(len(multipliers), dtype=torch.int32),
+                                           torch.tensor(programs, dtype=torch.int64))
+    if multipliers and first_program == 0:
+        # Every block is empty: one program still runs, so that the statistics get written (zeros).
         sample_owner = torch.full((1,), -1, dtype=torch.int32)
-    return _DualPlan(_to_device(table, device), _to_device(sample_owner, device), sample_owner.numel(), offset)
+    return _DualPlan(_to_device(torch.tensor(table, dtype=torch.int64), device), _to_device(sample_owner, device),
+                     sample_owner.numel(), offset)
 
 
 def _primal_settings(device: torch.device, hparams: list[float], flags: list[int]) -> Tensor:

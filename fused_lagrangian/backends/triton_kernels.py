@@ -11,7 +11,7 @@ Grid (1-D), in this order so that the dual work is scheduled first and overlaps 
 Finalisation, in the same launch, split in S chunks (chunk c = the samples sample program c scattered):
 the multiplier update of a chunk may run once every sample is scattered.  Chunks are claimed from a
 ticket, by (1) the last sample program to finish scattering, (2) any primal program that finds the
-scatter complete when it is done with its own tile, and (3) the last program of the launch, which
+scatter complete when it is done with its own chunk, and (3) the last program of the launch, which
 finishes whatever is left, then advances the Adam step counts (every program has read them by then)
 and resets the tickets.  Within a chunk, each touched constraint is updated exactly once: a 64-bit
 exchange reads and clears its (count, sum) pair, and only the first sample of an id gets a nonzero
@@ -237,7 +237,8 @@ def _finalise_chunk(chunk, block_table, sample_owner, dual_settings, num_blocks,
                 lam = tl.load(multipliers + k, mask=lam_mask, other=0.0)
                 xi = tl.load(dual_state + k, mask=tl.where(nupi, lam_mask, False), other=0.0)
                 # Exactly once per constraint: a duplicate id finds the pair already exchanged to 0.
-                pair = tl.atomic_xchg(pairs + k, tl.zeros([BLOCK], dtype=tl.int64), mask=in_range)
+                pair = tl.atomic_xchg(pairs + k, tl.zeros([BLOCK], dtype=tl.int64), mask=in_range,
+                                      sem="relaxed")
                 count = (pair & 0xFFFFFFFF).to(tl.int32)
                 total = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
                 claimed = in_range & (count > 0)

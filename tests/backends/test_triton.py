@@ -316,6 +316,18 @@ def test_one_kernel_launch_per_step(optimizer_class, options, monkeypatch):
         assert counter.count == step
 
 
+def test_autograd_sees_the_in_place_update():
+    """Like torch.optim's in-place ops, the step bumps version counters: stale saved tensors raise."""
+    torch.manual_seed(20)
+    weight = torch.nn.Parameter(torch.randn(3, 3))
+    optimizer = LagrangianSGD([weight], lr=0.1, backend="triton")
+    weight.grad = torch.ones(3, 3)
+    saved_for_backward = (weight * weight).sum()
+    optimizer.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved_for_backward.backward()
+
+
 class _AtenOps(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -343,24 +355,28 @@ def test_steady_state_call_builds_nothing(monkeypatch):
 # End to end, registry, torch.library
 
 
-def test_lagrangian_adam_matches_torch_adam_without_constraints():
+@pytest.mark.parametrize("ours, theirs, options", [
+    (LagrangianAdam, torch.optim.Adam, {"amsgrad": True, "weight_decay": 0.01}),
+    (LagrangianAdamW, torch.optim.AdamW, {"weight_decay": 0.1}),
+])
+def test_matches_torch_optim_without_constraints(ours, theirs, options):
     torch.manual_seed(15)
     model = torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
     twin = copy.deepcopy(model)
-    ours = LagrangianAdamW(model.parameters(), lr=1e-2, weight_decay=0.1, backend="triton")
-    theirs = torch.optim.AdamW(twin.parameters(), lr=1e-2, weight_decay=0.1)
+    optimizer = ours(model.parameters(), lr=1e-2, backend="triton", **options)
+    torch_optimizer = theirs(twin.parameters(), lr=1e-2, **options)
     gen = torch.Generator().manual_seed(16)
     for _ in range(4):
         x = torch.randn(16, 6, generator=gen)
-        for net, optimizer in ((model, ours), (twin, theirs)):
+        for net, opt in ((model, optimizer), (twin, torch_optimizer)):
             net(x).pow(2).mean().backward()
-            optimizer.step()
-            optimizer.zero_grad()
+            opt.step()
+            opt.zero_grad()
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
-    for p, q in zip(model.parameters(), twin.parameters()):
-        torch.testing.assert_close(ours.state[p]["exp_avg_sq"], theirs.state[q]["exp_avg_sq"], atol=1e-6, rtol=0)
-        assert ours.state[p]["step"] == theirs.state[q]["step"] == 4
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(optimizer.state[p][key], torch_optimizer.state[q][key], atol=1e-6, rtol=0)
+        assert optimizer.state[p]["step"] == torch_optimizer.state[q]["step"] == 4
 
 
 def test_lagrangian_adam_with_constraints_matches_reference_backend():
