@@ -8,7 +8,8 @@ steady-state step launches the kernel and nothing else: no host synchronisation,
 Launch configuration is fixed (no autotuning): an autotuner benchmarks by running the kernel several
 times, and this kernel updates parameters, state, multipliers and step counts in place.  The sizes
 below are reasoned, not measured on a GPU: 4096 elements per primal program (4 tiles of 1024 over 4
-warps, 8 fp32 per thread per tile), 1024 samples per sample program.
+warps, 8 fp32 per thread per tile), 1024 samples per sample program.  Parameters of several storage
+dtypes (fp32, bf16, fp16) share the launch: each program branches on its tensor's dtype code.
 
 Registered as the custom op ``fused_lagrangian::fused_step_triton`` (torch.library.custom_op, not
 triton_op): triton_op traces its body with fake tensors under torch.compile, and a pointer table needs
@@ -156,6 +157,9 @@ def _launch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, primal
     from . import triton_kernels as kernels
 
     device = params[0].device if params else (multipliers[0].device if multipliers else torch.device("cpu"))
+    for tensor in (grad_scale, found_inf):
+        if tensor is not None and (tensor.device != device or tensor.numel() != 1):
+            raise ValueError(f"triton backend: grad_scale/found_inf must be 1-element tensors on {device}")
     stats = torch.empty((len(multipliers), STATS_COLUMNS), dtype=torch.float32,
                         device=multipliers[0].device if multipliers else torch.device("cpu"))
     ids = [i if i.dtype == torch.int64 and i.is_contiguous() else i.to(torch.int64).contiguous() for i in ids]
@@ -163,7 +167,9 @@ def _launch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, primal
 
     dual = _dual_plan(device, multipliers, dual_states, ids, violations)
     workspace = _workspace(device, dual.num_constraints)
-    anchor = workspace.tickets  # a fixed, 16-byte aligned address; also the pointer for unused arguments
+    # A fixed, 16-byte aligned address the kernel addresses parameters from; also the pointer passed
+    # for arguments this call does not use.
+    anchor = workspace.tickets
     primal = _primal_plan(device, anchor, algorithm, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
     count_steps = algorithm == Algorithm.ADAM and len(params) > 0
     num_programs = dual.num_programs + primal.num_programs
@@ -171,18 +177,14 @@ def _launch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, primal
         if not count_steps:
             return stats
         num_programs = 1  # an idle program that only advances the step counts
-    placeholder = anchor
-    for tensor in (grad_scale, found_inf):
-        if tensor is not None and (tensor.device != device or tensor.numel() != 1):
-            raise ValueError(f"triton backend: grad_scale/found_inf must be 1-element tensors on {device}")
 
     kernels.fused_step_kernel[(num_programs,)](
-        _or(primal.tensor_table, placeholder), _or(primal.chunk_owner, placeholder),
-        _or(_primal_settings(device, primal_hparams, primal_flags), placeholder), len(params), primal.num_programs,
-        _or(dual.block_table, placeholder), _or(dual.sample_owner, placeholder),
-        _or(_dual_settings(device, dual_hparams, dual_flags), placeholder), len(multipliers), dual.num_programs,
-        workspace.accumulators, workspace.tickets, _or(stats, placeholder),
-        _or(grad_scale, placeholder), _or(found_inf, placeholder), anchor,
+        _or(primal.tensor_table, anchor), _or(primal.chunk_owner, anchor),
+        _or(_primal_settings(device, primal_hparams, primal_flags), anchor), len(params), primal.num_programs,
+        _or(dual.block_table, anchor), _or(dual.sample_owner, anchor),
+        _or(_dual_settings(device, dual_hparams, dual_flags), anchor), len(multipliers), dual.num_programs,
+        workspace.accumulators, workspace.tickets, _or(stats, anchor), _or(grad_scale, anchor), _or(found_inf, anchor),
+        anchor,
         ALGORITHM=int(algorithm), DTYPES=primal.dtypes, ALIGNED=primal.aligned, HAS_GRAD_SCALE=grad_scale is not None,
         HAS_FOUND_INF=found_inf is not None, HAS_BLOCKS=len(multipliers) > 0, COUNT_STEPS=count_steps,
         PRIMAL_BLOCK=PRIMAL_BLOCK, PRIMAL_TILES=PRIMAL_TILES, SAMPLE_BLOCK=SAMPLE_BLOCK, FINAL_BLOCK=FINAL_BLOCK,
