@@ -95,22 +95,24 @@ def main() -> None:
     n, t = args.params, args.tensors
     indexed, grouped = 0, int(DualFlag.MEAN)
     cases = {
-        "no blocks": [],
-        "indexed 1e6 + grouped 1e3, batch 4096": [(10**6, 4096, indexed), (10**3, 4096, grouped)],
-        "indexed 1e4, batch 4096": [(10**4, 4096, indexed)],
-        "indexed 1e8, batch 4096": [(10**8, 4096, indexed)],
+        "no blocks": {"native": []},
+        "indexed 1e6 + grouped 1e3, batch 4096": {"native": [(10**6, 4096, indexed), (10**3, 4096, grouped)]},
+        "indexed 1e4 vs 1e8, batch 4096": {"native, K=1e4": [(10**4, 4096, indexed)],
+                                           "native, K=1e8": [(10**8, 4096, indexed)]},
     }
-    print(f"torch {torch.__version__}, {n:,} fp32 params in {t} tensors, Adam, median of {args.repeats}")
+    print(f"torch {torch.__version__}, {n:,} fp32 params in {t} tensors, Adam, median of {args.repeats} "
+          "interleaved repetitions; ratio = time / torch fused Adam's; rmw 1 stream = one in-place pass over the same bytes")
     for threads in args.threads:
         torch.set_num_threads(threads)
-        for case, blocks in cases.items():
-            result = median_times({"torch fused Adam": torch_fused_adam(n, t), "native": contract_step(n, t, blocks),
-                                   "read-modify-write": read_modify_write(n)}, args.repeats)
-            ratio = result["native"] / result["torch fused Adam"]
-            print(f"threads {threads}  {case:<40} native {result['native'] * 1e3:7.2f} ms  "
-                  f"torch fused {result['torch fused Adam'] * 1e3:7.2f} ms  ratio {ratio:5.2f}  "
-                  f"rmw ceiling {result['read-modify-write'] * 1e3:7.2f} ms")
-
+        for case, natives in cases.items():
+            candidates = {"torch fused Adam": torch_fused_adam(n, t), "rmw 1 stream": read_modify_write(n)}
+            candidates.update({name: contract_step(n, t, blocks) for name, blocks in natives.items()})
+            result = median_times(candidates, args.repeats)
+            floor = result["torch fused Adam"]
+            cells = "  ".join(f"{name} {seconds * 1e3:6.2f} ms ({seconds / floor:4.2f})"
+                              for name, seconds in result.items())
+            print(f"threads {threads}  {case:<38} {cells}")
+            del candidates
 
 if __name__ == "__main__":
     main()

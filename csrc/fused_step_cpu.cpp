@@ -170,40 +170,47 @@ void run_primal_chunk(const PrimalEntry& e, bool adam, int64_t begin, int64_t en
 // Open-addressing table from constraint id to its slot among this block's touched constraints.
 // Reused across steps by each thread; sized by the batch, never by the number of constraints.
 struct TouchedConstraints {
-  std::vector<int64_t> table_ids;
-  std::vector<int32_t> table_slots;
-  std::vector<int64_t> ids;
+  std::vector<int32_t> table;  // 1 + the slot of the id hashed here; 0 when free
+  std::vector<int64_t> ids;    // per slot: the constraint id, its sum and its number of samples
   std::vector<float> sums;
   std::vector<float> counts;
+  int64_t size = 0;
+  uint64_t mask = 0;
 
   void reset(int64_t num_samples) {
     int64_t capacity = 16;
     while (capacity < 2 * num_samples) capacity *= 2;
-    table_ids.assign(capacity, -1);
-    table_slots.resize(capacity);
-    ids.clear();
-    sums.clear();
-    counts.clear();
+    table.assign(capacity, 0);
+    mask = static_cast<uint64_t>(capacity - 1);
+    if (static_cast<int64_t>(ids.size()) < num_samples) {
+      ids.resize(num_samples);
+      sums.resize(num_samples);
+      counts.resize(num_samples);
+    }
+    size = 0;
   }
 
   // Samples are added in order, so each constraint's sum has the same rounding as index_add_.
   void add(int64_t id, float violation) {
-    const uint64_t mask = table_ids.size() - 1;
     uint64_t h = (static_cast<uint64_t>(id) * 0x9E3779B97F4A7C15ull) >> 20;
+    int64_t slot;
     while (true) {
       h &= mask;
-      if (table_ids[h] == id) break;
-      if (table_ids[h] < 0) {
-        table_ids[h] = id;
-        table_slots[h] = static_cast<int32_t>(ids.size());
-        ids.push_back(id);
-        sums.push_back(0.0f);
-        counts.push_back(0.0f);
+      const int32_t entry = table[h];
+      if (entry == 0) {
+        slot = size++;
+        table[h] = static_cast<int32_t>(slot + 1);
+        ids[slot] = id;
+        sums[slot] = 0.0f;
+        counts[slot] = 0.0f;
+        break;
+      }
+      if (ids[entry - 1] == id) {
+        slot = entry - 1;
         break;
       }
       ++h;
     }
-    const int32_t slot = table_slots[h];
     sums[slot] += violation;
     counts[slot] += 1.0f;
   }
@@ -224,7 +231,7 @@ void run_dual_block(const DualEntry& b) {
     gather_samples<int64_t>(b, touched);
   }
   float max_measure = 0.0f, num_positive = 0.0f;
-  const int64_t num_touched = static_cast<int64_t>(touched.ids.size());
+  const int64_t num_touched = touched.size;
   for (int64_t s = 0; s < num_touched; ++s) {
     const int64_t k = touched.ids[s];
     const float measure = dual_update(touched.sums[s], touched.counts[s], b.multipliers[k],

@@ -41,7 +41,8 @@ class _Library:
                 self._attempted = True
                 try:
                     self.origin = _load_built() or _load_jit()
-                    _register_fake()
+                    if self.origin is not None:
+                        _register_fake()
                 except Exception as error:  # noqa: BLE001 - any load failure makes the backend unavailable
                     self.error = f"the native extension failed to load: {error}"
                     self.origin = None
