@@ -257,6 +257,22 @@ def test_grad_scaler_matches_torch(backend, kind):
     assert_same_parameters(ours_model, torch_model)
 
 
+@pytest.mark.parametrize("kind", ["SGD", "Adam"])
+def test_grad_scaler_with_unscale_and_clipping_matches_torch(backend, kind):
+    """The usual clipping recipe: unscale_ first, so the step must not divide by the scale again."""
+    (ours_model, ours), (torch_model, theirs) = both(kind, backend, lr=1e-2)
+    for model, optimizer in ((ours_model, ours), (torch_model, theirs)):
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        for index in range(100):
+            scaler.scale(loss_of(model, index)).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.1)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad()
+    assert_same_parameters(ours_model, torch_model)
+
+
 def test_grad_scaler_inf_step_skips_primal_and_dual(backend):
     def fresh():
         model = make_model()
