@@ -49,7 +49,7 @@ def cuda_backends(backends) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------------
 # 1. Correctness
 
-def check_correctness(names: list[str], quick: bool) -> dict[str, str]:
+def check_correctness(backends, names: list[str], quick: bool) -> dict[str, str]:
     tests = load_module("test_native", os.path.join(ROOT, "tests", "backends", "test_native.py"))
     cases = range(0, len(tests.CASES), 3) if quick else range(len(tests.CASES))
     results = {}
@@ -59,7 +59,7 @@ def check_correctness(names: list[str], quick: bool) -> dict[str, str]:
             for dtype in (torch.float32, torch.bfloat16):
                 count += 1
                 try:
-                    tests.compare_with_reference(name, case, dtype, "cuda")
+                    tests.compare_with_reference(backends.fused_step_of(name), case, dtype, "cuda")
                 except Exception as error:  # noqa: BLE001 - report every failing case, then go on
                     failures.append(f"case {case} {dtype}: {str(error).splitlines()[0]}")
         results[name] = (f"{count - len(failures)}/{count} cases equal the reference over 20 steps "
@@ -149,7 +149,7 @@ def main() -> int:
     names = [name for name, reason in status.items() if reason is None]
 
     print("\n1. Correctness against the reference on CUDA tensors")
-    for name, summary in check_correctness(names, args.quick).items():
+    for name, summary in check_correctness(backends, names, args.quick).items():
         print(f"  {name:<8} {summary}")
     if "native" in names:
         print("  " + run_native_pytest())

@@ -7,20 +7,6 @@
 
 namespace fused_lagrangian {
 
-bool StepArguments::is_adam() const { return algorithm == kAdam; }
-
-bool StepArguments::has_momentum_buffer(int64_t tensor) const {
-  return !is_adam() && primal_hparams[tensor * kPrimalHparams + 1] != 0.0;
-}
-
-bool StepArguments::has_max_exp_avg_sq(int64_t tensor) const {
-  return is_adam() && (primal_flags[tensor] & kAmsgrad);
-}
-
-bool StepArguments::has_smoothed_error(int64_t block) const {
-  return (dual_flags[block] & kNupi) && !(dual_flags[block] & kFrozen);
-}
-
 bool shares_dense_layout(const at::Tensor& tensor, const at::Tensor& param) {
   return tensor.sizes().equals(param.sizes()) && tensor.strides().equals(param.strides());
 }

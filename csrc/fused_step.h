@@ -7,6 +7,8 @@
 
 #include <optional>
 
+#include "step_math.h"
+
 namespace fused_lagrangian {
 
 struct StepArguments {
@@ -22,15 +24,18 @@ struct StepArguments {
 
   int64_t num_tensors() const { return static_cast<int64_t>(params.size()); }
   int64_t num_blocks() const { return static_cast<int64_t>(multipliers.size()); }
-  bool is_adam() const;
-  // The optional state a tensor has, given its flags and hyperparameters.
-  bool has_momentum_buffer(int64_t tensor) const;
-  bool has_max_exp_avg_sq(int64_t tensor) const;
-  bool has_smoothed_error(int64_t block) const;
+  bool is_adam() const { return algorithm == kAdam; }
+  // The optional state a tensor (block) has, given its flags and hyperparameters.
+  bool has_momentum_buffer(int64_t tensor) const {
+    return !is_adam() && primal_hparams[tensor * kPrimalHparams + 1] != 0.0;
+  }
+  bool has_max_exp_avg_sq(int64_t tensor) const { return is_adam() && (primal_flags[tensor] & kAmsgrad); }
+  bool has_smoothed_error(int64_t block) const { return (dual_flags[block] & kNupi) && !(dual_flags[block] & kFrozen); }
 };
 
 // Throws (TORCH_CHECK) on any inconsistency: list lengths, dtypes, sizes, strides, devices.  Ids are
-// range-checked by the kernels themselves (on CUDA that would need a host sync).
+// the kernels' business: the CPU kernel range-checks them, the CUDA kernel skips those out of range
+// (raising would need a host sync; the constraint blocks validate ids when they record them).
 void check_step_arguments(const StepArguments& args, c10::Device device);
 
 // Bumps the version counter of every tensor the step updates, as torch's in-place ops do, so that

@@ -167,12 +167,14 @@ SGD_OPTIONS = [
 CASES = [(Algorithm.ADAM, flags, hp) for flags, hp in ADAM_OPTIONS] + [(Algorithm.SGD, f, hp) for f, hp in SGD_OPTIONS]
 
 
-def compare_with_reference(backend: str, case: int, dtype: torch.dtype, device: str = "cpu", steps: int = 20):
-    """Runs CASES[case] for ``steps`` steps on ``backend`` and on the reference, asserting after each."""
+def compare_with_reference(candidate_step, case: int, dtype: torch.dtype, device: str = "cpu", steps: int = 20,
+                           after_step=lambda: None):
+    """Runs CASES[case] for ``steps`` steps with ``candidate_step`` (a fused_step) and with the reference,
+    asserting after each step; ``after_step`` adds the caller's own checks."""
     algorithm, flags, hp = CASES[case]
     candidate = random_problem(case, algorithm, dtype, flags, hp, device=device)
     reference = copy.deepcopy(candidate)
-    candidate_step, reference_step_fn = backends.fused_step_of(backend), reference_step()
+    reference_step_fn = reference_step()
     for step in range(steps):
         if step == 1 and flags & PrimalFlag.FIRST_MOMENTUM_STEP:
             for problem in (candidate, reference):  # the momentum buffer is seeded only at the first step
@@ -190,6 +192,7 @@ def compare_with_reference(backend: str, case: int, dtype: torch.dtype, device: 
             if states_before[j].numel():
                 assert torch.equal(candidate.dual_states[j][untouched], states_before[j][untouched])
         assert stats[0].eq(0).all(), "a block with no pending sample has zero statistics"
+        after_step()
         candidate.new_batch()
         reference.new_batch()
 
@@ -198,7 +201,7 @@ def compare_with_reference(backend: str, case: int, dtype: torch.dtype, device: 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_native_matches_reference_over_20_steps(case, dtype, device):
-    compare_with_reference("native", case, dtype, device)
+    compare_with_reference(native_step(), case, dtype, device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -343,3 +346,14 @@ def test_step_bumps_version_counters_like_torch_in_place_ops():
     LagrangianSGD([param], lr=0.1, backend="native").step()
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def test_torch_compile_traces_the_op_with_its_mutations():
+    problem = random_problem(5, Algorithm.ADAM, torch.float32, PrimalFlag.AMSGRAD, ADAM_OPTIONS[1][1])
+    eager = copy.deepcopy(problem)
+    op = torch.ops.fused_lagrangian.fused_step
+    native_step()  # loads the library
+
+    compiled = torch.compile(lambda *args: op(*args), backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(*problem.args), op(*eager.args), rtol=0, atol=0)
+    assert all(torch.equal(a, b) for a, b in zip(tensors_of(problem), tensors_of(eager)))
