@@ -14,8 +14,9 @@ points.  A sigmoid surrogate of the rate drives the parameters, the hard rate dr
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,18 @@ CONCAVE_PENALTIES = (0.01, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0)
 RATE_TARGET = 0.7
 # The position paper's grid: 0 and 19 log-spaced coefficients from 1e-4 to 1e2.
 RATE_PENALTIES = (0.0,) + tuple(float(c) for c in torch.logspace(-4, 2, 19, dtype=torch.float64))
+
+
+@contextlib.contextmanager
+def _one_intra_op_thread() -> Iterator[None]:
+    """Thousands of steps on tensors of a few hundred elements: intra-op threads only add synchronisation
+    (4x slower on this busy 2-core machine), so the loops run on one and restore the setting after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -50,14 +63,15 @@ def concave_example(epsilon: float, method: str = "lagrangian", penalty: float =
                                               formulation="penalty", penalty=penalty)
     else:
         raise ValueError(f"method must be 'lagrangian' or 'penalty', got {method!r}")
-    for _ in range(steps):
-        f, h = _concave_objective_and_constraint(x, y)
-        loss = f + constraint(h.reshape(1))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        with torch.no_grad():
-            x.clamp_(0.0, math.pi / 2)
+    with _one_intra_op_thread():
+        for _ in range(steps):
+            f, h = _concave_objective_and_constraint(x, y)
+            loss = f + constraint(h.reshape(1))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            with torch.no_grad():
+                x.clamp_(0.0, math.pi / 2)
     with torch.no_grad():
         f, h = _concave_objective_and_constraint(x, y)
     return {"x": x.item(), "y": y.item(), "multiplier": constraint.multipliers.item(), "f": f.item(), "h": h.item()}
@@ -140,6 +154,7 @@ def _initial_classifier(models: int) -> tuple[Tensor, Tensor]:
     return weight, bias
 
 
+@_one_intra_op_thread()
 def _train_rate_classifiers(optimizer, constraint, weight, bias, inputs, labels, steps) -> None:
     targets = labels[:, None].expand(-1, weight.shape[0])
     for _ in range(steps):
@@ -192,4 +207,4 @@ def print_examples_table(backend: str = "auto", epsilon: float = 0.5, rate_dual_
     runs += [(f"penalty c={r['multiplier']:.3g}", r)
              for r in penalty_grid(rate_penalties, steps=rate_steps, backend=backend)]
     for label, r in runs:
-        show(f"{label:<22}{r['predicted_0']:>13.1%}{r['accuracy']:>10.1%}{r['multiplier']:>12.4g}")
+        show(f"{label:<22}{r['predicted_0']:>13.1%}{r['accuracy']:>10.1%}{r['multiplier']:>#12.4g}")

@@ -15,16 +15,6 @@ import torch
 from fused_lagrangian import examples
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These are thousands of steps on tensors of a few hundred elements: intra-op threads only add
-    synchronisation (several times slower on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("epsilon", examples.CONCAVE_EPSILONS)
 def test_concave_lagrangian_reaches_the_constrained_optimum(training_backend, epsilon):
     result = examples.concave_example(epsilon, backend=training_backend)
