@@ -101,8 +101,7 @@ class LagrangianOptimizer(torch.optim.Optimizer):
         data_parallel = self._data_parallel() if blocks else None
         if data_parallel is not None:
             pending = data_parallel.gather_pending(blocks, pending)
-        device = primal[0][0].device if primal[0] else (blocks[0].device if blocks else None)
-        if device is None:
+        if not primal[0] and not blocks:
             return
         hparams, flags = [], []
         for block in blocks:
@@ -112,13 +111,10 @@ class LagrangianOptimizer(torch.optim.Optimizer):
             *primal, int(self.algorithm),
             [b.multipliers for b in blocks], [b.dual_state for b in blocks],
             [ids for ids, _ in pending], [v for _, v in pending], hparams, flags,
-            grad_scale, found_inf, backend=self._backend_for(device),
+            grad_scale, found_inf, backend=self.backend,
         )
         for block, row in zip(blocks, stats):
             block.last_stats = row
-
-    def _backend_for(self, device: torch.device) -> str:
-        return backends.resolve(self.backend, device)
 
     def _gather_primal(self) -> tuple:
         """Lists in contract order: params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hparams, flags."""
