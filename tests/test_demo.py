@@ -1,0 +1,99 @@
+"""Tiny versions of every path of ``fused-lagrangian demo``: report.json's fields agree with each other and
+with the data, and the plots are real PNG images."""
+
+import json
+
+import matplotlib.image
+import pytest
+
+from fused_lagrangian import cli, demo
+
+METRICS = ("accuracy", "positive_rate", "dp_gap", "eo_gap", "max_violation", "groups_violated",
+           "worst_group_error", "smallest_group_size", "feasible")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def run_demo(tmp_path, *options, penalties="1,100", capsys=None):
+    out = tmp_path / "out"
+    argv = ["--epochs", "4", "--penalties", penalties, "--record-every", "1", "--no-progress", "--out", str(out),
+            *options]
+    assert demo.main(argv) == 0
+    return json.loads((out / "report.json").read_text()), out
+
+
+def check_report(report, out, num_penalties, min_group_size=10):
+    runs = report["runs"]
+    assert [r["label"] for r in runs][0] == "unconstrained" and runs[-1]["label"] == "lagrangian"
+    assert len(runs) == num_penalties + 2
+    for run in runs:
+        for split in ("train", "test"):
+            assert set(METRICS) <= set(run[split])
+            assert 0.0 <= run[split]["accuracy"] <= 1.0
+            assert run[split]["feasible"] == (run[split]["max_violation"] <= report["config"]["tolerance"])
+        assert run["wall_s"] > 0
+    summary = report["summary"]
+    sweep = [r for r in runs if r["formulation"] == "quadratic"]
+    assert summary["num_runs"] == len(runs)
+    assert summary["sweep_runs"] == num_penalties
+    assert summary["sweep_feasible"] == sum(r["train"]["feasible"] for r in sweep)
+    groups = report["groups"]
+    assert len(groups) == summary["num_groups"]
+    constrained = [g for g in groups if g["constrained"]]
+    assert summary["constrained_groups"] == len(constrained)
+    assert all(g["constrained"] == (g["train_size"] >= min_group_size) for g in groups
+               if report["config"]["constraint"] != "eo")
+    assert summary["smallest_constrained_group_train"] == min(g["train_size"] for g in constrained)
+    lagrangian = runs[-1]["train"]
+    assert summary["lagrangian"]["accuracy"] == lagrangian["accuracy"]
+    feasible_accuracies = [r["train"]["accuracy"] for r in sweep if r["train"]["feasible"]]
+    best = summary["best_feasible_penalty"]
+    assert (best["accuracy"] if best else None) == max(feasible_accuracies, default=None)
+    assert summary["least_violating_penalty"]["max_violation"] == min(r["train"]["max_violation"] for r in sweep)
+    gap = summary["accuracy_gap_to_best_feasible_penalty"]
+    assert summary["criterion_met"] == (lagrangian["feasible"] and (gap is None or gap <= 0.02))
+    for name in ("training", "tradeoff"):
+        path = out / f"{name}.png"
+        assert path.read_bytes()[:8] == PNG_SIGNATURE
+        height, width, _ = matplotlib.image.imread(path).shape
+        assert height > 100 and width > 100
+    return summary
+
+
+def test_adult_demographic_parity(tmp_path, capsys):
+    report, out = run_demo(tmp_path)
+    summary = check_report(report, out, num_penalties=2)
+    assert summary["num_groups"] == 59
+    assert sum(g["train_size"] for g in report["groups"]) == 30162
+    assert sum(g["test_size"] for g in report["groups"]) == 15060
+    printed = capsys.readouterr().out
+    assert "penalty sweep (2 runs)" in printed and "criterion" in printed and "report.json" in printed
+
+
+def test_adult_equal_opportunity_on_fewer_groups(tmp_path):
+    report, out = run_demo(tmp_path, "--constraint", "eo", "--groups", "race,sex", "--penalties", "10")
+    summary = check_report(report, out, num_penalties=1)
+    assert summary["num_groups"] == 10
+
+
+def test_adult_bounded_group_loss_last_iterates(tmp_path):
+    report, out = run_demo(tmp_path, "--constraint", "group-loss", "--epsilon", "0.6", "--select-window", "0")
+    check_report(report, out, num_penalties=2)
+    assert all(r["selected_step"] == 4 and r["train"] == r["last_iterate"]["train"] for r in report["runs"])
+
+
+def test_synthetic_through_the_command_line(tmp_path, capsys):
+    out = tmp_path / "synthetic"
+    code = cli.main(["demo", "--dataset", "synthetic", "--rows", "4000", "--epochs", "3", "--penalties", "1",
+                     "--min-group-size", "20", "--no-progress", "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    summary = check_report(report, out, num_penalties=1, min_group_size=20)
+    assert summary["num_groups"] == 540
+    assert sum(g["train_size"] + g["test_size"] for g in report["groups"]) == 4000
+    assert "synthetic" in capsys.readouterr().out
+
+
+def test_bad_options_are_rejected():
+    for argv in (["--groups", "race,height"], ["--penalties", "1,x"], ["--penalties", "-1"], ["--epochs", "0"]):
+        with pytest.raises(SystemExit):
+            demo.parse_args(argv)
