@@ -436,7 +436,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--constraint", choices=fairness.CONSTRAINTS, default="dp",
                         help="dp: demographic parity, eo: equal opportunity, group-loss: bounded group loss")
     parser.add_argument("--epsilon", type=float, default=None,
-                        help="bound of the constraint (None: 0.05 for dp and eo, 0.35 for group-loss)")
+                        help="bound of the constraint (None: 0.05 for dp and eo, 0.4 for group-loss)")
     parser.add_argument("--tolerance", type=float, default=0.01,
                         help="a run is feasible when its max violation over epsilon is at most this")
     parser.add_argument("--epochs", type=int, default=1500, help="full-batch steps per run")
@@ -471,7 +471,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.min_group_size is None:
         args.min_group_size = 10 if args.dataset == "adult" else 50
     if args.epsilon is None:
-        args.epsilon = 0.35 if args.constraint == "group-loss" else 0.05
+        args.epsilon = 0.4 if args.constraint == "group-loss" else 0.05
     args.groups = tuple(key.strip() for key in args.groups.split(",") if key.strip())
     unknown = [key for key in args.groups if key not in GROUP_KEYS]
     if unknown:

@@ -29,6 +29,7 @@ def plot_training(results: list["RunResult"], args: "argparse.Namespace", path: 
             top.plot(run.history["step"], run.history["max_violation"], color="grey", ls=":", label=run.spec.label)
         elif run.spec.formulation == "lagrangian":
             top.plot(run.history["step"], run.history["max_violation"], color="crimson", lw=2, label=run.spec.label)
+            top.axvline(run.selected_step, color="crimson", ls=":", lw=1, label="lagrangian: iterate returned")
             _plot_multipliers(bottom, run)
     top.axhline(args.tolerance, color="black", ls="--", lw=1, label=f"tolerance {args.tolerance:g}")
     top.set_yscale("symlog", linthresh=1e-2)
