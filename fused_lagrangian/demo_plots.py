@@ -9,7 +9,7 @@ import matplotlib
 import numpy as np
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
+import matplotlib.pyplot as plt  # noqa: E402 (the backend must be chosen before pyplot loads)
 
 if TYPE_CHECKING:
     import argparse

@@ -23,7 +23,7 @@ def run_demo(tmp_path, *options, penalties="1,100", capsys=None):
 
 def check_report(report, out, num_penalties, min_group_size=10):
     runs = report["runs"]
-    assert [r["label"] for r in runs][0] == "unconstrained" and runs[-1]["label"] == "lagrangian"
+    assert runs[0]["label"] == "unconstrained" and runs[-1]["label"] == "lagrangian"
     assert len(runs) == num_penalties + 2
     for run in runs:
         for split in ("train", "test"):

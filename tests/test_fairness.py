@@ -75,7 +75,7 @@ def _parity_setup(helper, **options):
 
 
 def test_demographic_parity_gradient_matches_hand_computation():
-    opt, parity = _parity_setup(fx.demographic_parity)
+    _, parity = _parity_setup(fx.demographic_parity)
     upper = torch.tensor([0.3, 0.0, 0.7, 0.2])
     lower = torch.tensor([0.1, 0.4, 0.0, 0.0])
     parity.upper.multipliers.copy_(upper)
