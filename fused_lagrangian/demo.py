@@ -319,14 +319,10 @@ def group_table(problem: Problem, results: list[RunResult]) -> list[dict]:
         for label in ("unconstrained", "lagrangian"):
             if label in by_label:
                 rates = by_label[label].rates
-                row[f"{label}_rate_train"] = _finite_or_none(rates["train"][k])
-                row[f"{label}_rate_test"] = _finite_or_none(rates["test"][k])
+                row[f"{label}_rate_train"] = rates["train"][k]
+                row[f"{label}_rate_test"] = rates["test"][k]
         rows.append(row)
     return rows
-
-
-def _finite_or_none(value: float) -> Optional[float]:
-    return value if math.isfinite(value) else None
 
 
 def format_report(args: argparse.Namespace, problem: Problem, results: list[RunResult], summary: dict) -> str:
@@ -418,8 +414,19 @@ def write_outputs(args: argparse.Namespace, problem: Problem, results: list[RunR
         "groups": group_table(problem, results),
         "plots": plots,
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.json").write_text(json.dumps(_strict_json(report), indent=2, allow_nan=False))
     return report
+
+
+def _strict_json(value):
+    """NaN (e.g. a rate over a split where no constrained group has a row) becomes null: valid JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(item) for item in value]
+    return value
 
 
 # --------------------------------------------------------------------------------------------------

@@ -97,3 +97,10 @@ def test_bad_options_are_rejected():
     for argv in (["--groups", "race,height"], ["--penalties", "1,x"], ["--penalties", "-1"], ["--epochs", "0"]):
         with pytest.raises(SystemExit):
             demo.parse_args(argv)
+
+
+def test_report_is_strict_json_with_null_for_empty_groups(tmp_path):
+    report, out = run_demo(tmp_path, "--epochs", "1", "--penalties", "1")
+    json.loads((out / "report.json").read_text(), parse_constant=lambda name: pytest.fail(f"{name} in report.json"))
+    empty_in_test = [g for g in report["groups"] if g["test_size"] == 0]
+    assert empty_in_test and all(g["lagrangian_rate_test"] is None for g in empty_in_test)
