@@ -26,8 +26,8 @@ from .step_candidates import step_candidates
 from .sweeps import SWEEPS, Case, cases
 from .training_candidates import training_candidates
 
-QUICK = dict(repetitions=5, sample_seconds=0.02)
-FULL = dict(repetitions=11, sample_seconds=0.05)
+QUICK = dict(repetitions=7, sample_seconds=0.03)
+FULL = dict(repetitions=15, sample_seconds=0.08)
 
 
 def fused_backends(device: torch.device) -> list[str]:
