@@ -53,6 +53,8 @@ def test_every_candidate_produced_numbers(run):
             expected |= CONSTRAINED
         assert set(record["results"]) == expected, record["config"]
         assert record["skipped"] == {}
+        assert record["attempts"] == 1  # the default policy never retries
+        assert record["others_cpu_fraction"] is None or record["others_cpu_fraction"] >= 0
         for entry in record["results"].values():
             assert set(entry) == RESULT_FIELDS
             assert len(entry["samples_s"]) == 2

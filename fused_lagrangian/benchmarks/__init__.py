@@ -11,6 +11,7 @@ in-place read-modify-write pass over the same bytes (the ceiling).  ``sweeps.py`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -20,6 +21,7 @@ import torch
 
 from .. import backends
 from . import machine, plots, report, targets
+from .contention import QUIET_FRACTION, QuietPolicy
 from .problems import StepData, TrainingData, TrainingProblem
 from .runner import run_case
 from .step_candidates import step_candidates
@@ -30,6 +32,11 @@ QUICK = dict(repetitions=7, sample_seconds=0.03)
 FULL = dict(repetitions=15, sample_seconds=0.08)
 
 
+def quiet_policy(quick: bool) -> QuietPolicy:
+    """The quick run keeps its 2-minute budget; the full run waits out other processes (20 min at most)."""
+    return QuietPolicy() if quick else QuietPolicy(attempts=3, max_wait_s=120, budget_s=1200)
+
+
 def fused_backends(device: torch.device) -> list[str]:
     """Backends that run natively on ``device`` (Triton's CPU interpreter is a test tool, not a backend to time)."""
     return [name for name in backends.names()
@@ -38,8 +45,10 @@ def fused_backends(device: torch.device) -> list[str]:
 
 
 def run_cases(selected: Iterable[Case], out_dir: str, *, repetitions: int, sample_seconds: float, mode: str,
-              command: str, device: str = "cpu", log: Callable[[str], None] = print) -> dict:
+              command: str, device: str = "cpu", quiet: Optional[QuietPolicy] = None,
+              log: Callable[[str], None] = print) -> dict:
     """Runs ``selected`` cases, writes results.json, results.md and the plots to ``out_dir``; returns the results."""
+    quiet = quiet or QuietPolicy()
     os.makedirs(out_dir, exist_ok=True)
     device = torch.device(device)
     threads = torch.get_num_threads()
@@ -49,7 +58,8 @@ def run_cases(selected: Iterable[Case], out_dir: str, *, repetitions: int, sampl
         "mode": mode,
         "command": command,
         "machine": machine.describe(device),
-        "settings": {"repetitions": repetitions, "sample_seconds": sample_seconds},
+        "settings": {"repetitions": repetitions, "sample_seconds": sample_seconds,
+                     "quiet_policy": dataclasses.asdict(quiet), "quiet_fraction": QUIET_FRACTION},
         "load_average_start": machine.load_average(),
         "cases": [],
     }
@@ -65,9 +75,10 @@ def run_cases(selected: Iterable[Case], out_dir: str, *, repetitions: int, sampl
                 bytes_per_step = case.problem.primal_bytes + case.problem.dual_bytes
             record = run_case(case.sweep, case.config, factories, repetitions=repetitions,
                               sample_seconds=sample_seconds, threads=case.threads, bytes_per_step=bytes_per_step,
-                              device=device)
+                              device=device, quiet=quiet)
             results["cases"].append(record)
-            log(f"[{number}/{len(selected)}] {case.sweep}: {report.case_label(record)} ({record['wall_s']:.1f} s)")
+            log(f"[{number}/{len(selected)}] {case.sweep}: {report.case_label(record)} ({record['wall_s']:.1f} s"
+                f"{report.contention_note(record)})")
             for name in report.ordered(record["results"]):
                 entry = record["results"][name]
                 log(f"    {name:<18} {entry['median_s'] * 1e3:10.3f} ms  x{entry['ratio_to_torch_fused'] or 0:.2f}")
@@ -93,7 +104,7 @@ def run_bench(quick: bool = False, out_dir: str = "bench-results", *, device: st
     if command is None:
         command = "fused-lagrangian bench" + (" --quick" if quick else "") + f" --out {out_dir}"
     return run_cases(selected, out_dir, mode="quick" if quick else "full", command=command, device=device,
-                     log=log, **settings)
+                     quiet=quiet_policy(quick), log=log, **settings)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

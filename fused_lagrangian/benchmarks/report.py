@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+from .contention import QUIET_FRACTION
+
 
 SCHEMA = "fused_lagrangian.bench/1"
 CANDIDATE_ORDER = ("fused:", "cooper", "unfused", "torch_fused", "ceiling")
@@ -41,11 +43,29 @@ def write_json(results: dict, path: str) -> None:
         json.dump(results, out, indent=1)
 
 
+def contention_note(record: dict) -> str:
+    """'' for a case measured on a quiet machine, else how much of it other processes used."""
+    others = record.get("others_cpu_fraction")
+    if others is None or others < QUIET_FRACTION:
+        return ""
+    return f"; ⚠ other processes used {100 * others:.0f}% of the CPUs"
+
+
 def _busy(results: dict) -> bool:
     cpus = results["machine"]["logical_cpus"] or 1
     # Only the load before the run counts: the load at the end includes the benchmark itself.
     load = results["load_average_start"]
     return load is not None and load[0] > 0.5 * cpus
+
+
+def _contended_summary(results: dict) -> str:
+    contended = [r for r in results["cases"] if contention_note(r)]
+    if not contended:
+        return (f"Every case was measured while other processes used < {100 * QUIET_FRACTION:.0f}% of the CPUs "
+                "(or this could not be measured).")
+    return (f"**{len(contended)} of {len(results['cases'])} cases were measured while other processes used "
+            f">= {100 * QUIET_FRACTION:.0f}% of the CPUs (marked ⚠): their timings are noisy; re-run on a quiet "
+            "machine.**")
 
 
 def _ms(seconds: float) -> str:
@@ -109,7 +129,7 @@ def headline_table(results: dict) -> str:
             entry = record["results"].get(name)
             cells.append("–" if entry is None
                          else f"{_ms(entry['median_s'])} ms ({_ratio(entry['ratio_to_torch_fused'])})")
-        lines.append(f"| {case_label(record)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {case_label(record)}{contention_note(record)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -126,6 +146,7 @@ def write_markdown(results: dict, path: str) -> None:
         f"{machine['cooper_optim_version']}.  ",
         "Backends: " + ", ".join(f"{name}: {status}" for name, status in machine["backends"].items())
         + f"; auto picks `{machine['auto_backend']}`.  ",
+        f"{_contended_summary(results)}  ",
         f"Total wall time {results['wall_s']:.0f} s. Load average (1, 5, 15 min) at start "
         f"{results['load_average_start']}, at end {results['load_average_end']} (includes this run)"
         + (" (other processes were competing for the cores: expect noise)" if _busy(results) else "") + ".",
@@ -148,7 +169,7 @@ def write_markdown(results: dict, path: str) -> None:
                   "| case | candidate | median ms | min–max ms | ×floor | of ceiling | GB/s |",
                   "|---|---|---|---|---|---|---|"]
         for record in (r for r in results["cases"] if r["sweep"] == sweep):
-            label = case_label(record)
+            label = case_label(record) + contention_note(record)
             for name in ordered(record["results"]):
                 entry = record["results"][name]
                 bandwidth = "–" if entry["effective_GBps"] is None else f"{entry['effective_GBps']:.1f}"
