@@ -87,13 +87,14 @@ def targets_table(found: list[dict]) -> list[str]:
     names = ordered({t["candidate"] for t in found})
     rows: dict[tuple, dict] = {}
     for target in found:
-        key = (target["target"], target["case"], f"{target['comparison']} {target['threshold']:g}")
+        key = (target["target"], target["case"], f"{target['comparison']} {target['threshold']:g}",
+               target.get("note", ""))
         rows.setdefault(key, {})[target["candidate"]] = target
-    lines = ["| target | case | needs | " + " | ".join(names) + " |", "|---" * (len(names) + 3) + "|"]
-    for (name, case, needs), by_candidate in rows.items():
+    lines = ["| target | case | needs | " + " | ".join(names) + " | note |", "|---" * (len(names) + 4) + "|"]
+    for (name, case, needs, note), by_candidate in rows.items():
         cells = ["–" if n not in by_candidate else
                  f"{by_candidate[n]['value']:.2f} {'met' if by_candidate[n]['met'] else '**MISSED**'}" for n in names]
-        lines.append(f"| {name} | {case} | {needs} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {case} | {needs} | " + " | ".join(cells) + f" | {note} |")
     return lines
 
 
