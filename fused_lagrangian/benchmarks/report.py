@@ -51,13 +51,6 @@ def contention_note(record: dict) -> str:
     return f"; ⚠ other processes used {100 * others:.0f}% of the CPUs"
 
 
-def _busy(results: dict) -> bool:
-    cpus = results["machine"]["logical_cpus"] or 1
-    # Only the load before the run counts: the load at the end includes the benchmark itself.
-    load = results["load_average_start"]
-    return load is not None and load[0] > 0.5 * cpus
-
-
 def _contended_summary(results: dict) -> str:
     contended = [r for r in results["cases"] if contention_note(r)]
     if not contended:
@@ -149,8 +142,7 @@ def write_markdown(results: dict, path: str) -> None:
         + f"; auto picks `{machine['auto_backend']}`.  ",
         f"{_contended_summary(results)}  ",
         f"Total wall time {results['wall_s']:.0f} s. Load average (1, 5, 15 min) at start "
-        f"{results['load_average_start']}, at end {results['load_average_end']} (includes this run)"
-        + (" (other processes were competing for the cores: expect noise)" if _busy(results) else "") + ".",
+        f"{results['load_average_start']}, at end {results['load_average_end']} (includes this run).",
         "",
         f"Every figure is the median over {settings['repetitions']} interleaved repetitions (each the mean over "
         "several consecutive steps; all candidates take the same steps on identical tensors) with the min and max "

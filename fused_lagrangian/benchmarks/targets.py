@@ -42,8 +42,8 @@ def _median(record: dict, name: str) -> float:
 def _describe(record: dict) -> str:
     config = record["config"]
     blocks = ", ".join(f"{b['kind']} K={b['num_constraints']:.0e} B={b['batch']}" for b in config["blocks"])
-    return (f"{config['num_params']:.0e} params {config['algorithm']}, {record['threads']} thread(s), "
-            f"{blocks or 'no blocks'}")
+    return (f"{record['sweep']}: {config['num_params']:.0e} params {config['algorithm']}, "
+            f"{record['threads']} thread(s), {blocks or 'no blocks'}")
 
 
 def evaluate(records: list[dict]) -> list[dict]:
@@ -78,6 +78,9 @@ def evaluate(records: list[dict]) -> list[dict]:
         smallest, largest = (series[0]["config"]["blocks"][0]["num_constraints"],
                              series[-1]["config"]["blocks"][0]["num_constraints"])
         case = f"indexed N={smallest:.0e}..{largest:.0e}, B={batch}, {series[0]['config']['num_params']:.0e} params"
+        # The floor does not depend on N: how much it moves across these cases is the machine's own drift.
+        floors = [_median(r, FLOOR) for r in series if FLOOR in r["results"]]
+        drift = f"torch_fused (independent of N) varied {max(floors) / min(floors):.2f}x" if floors else ""
         for name in _fused(series[0]) + ["cooper"]:
             if not all(name in r["results"] for r in series):
                 continue
@@ -85,9 +88,10 @@ def evaluate(records: list[dict]) -> list[dict]:
             if name == "cooper":
                 # The contrast, not a target of Cooper's: it should grow with N where fused does not.
                 found.append(_target("cooper_grows_with_n", name, case, growth, FLATNESS_LIMIT, at_most=False,
-                                     records=series))
+                                     records=series, note=drift))
             else:
-                found.append(_target("flat_in_n", name, case, growth, FLATNESS_LIMIT, at_most=True, records=series))
+                found.append(_target("flat_in_n", name, case, growth, FLATNESS_LIMIT, at_most=True, records=series,
+                                     note=drift))
 
     huge = {r["config"]["blocks"][0]["num_constraints"]: r for r in records
             if r["sweep"] == "threads" and len(r["config"]["blocks"]) == 1}
