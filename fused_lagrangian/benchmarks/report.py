@@ -6,6 +6,7 @@ import json
 import os
 
 from .contention import QUIET_FRACTION
+from .runner import AGREEMENT_STEPS
 
 
 SCHEMA = "fused_lagrangian.bench/1"
@@ -174,7 +175,8 @@ def write_markdown(results: dict, path: str) -> None:
                 lines.append(f"| {label} | {name} | skipped: {reason} | | | | |")
         lines.append("")
     lines += ["## Agreement", "",
-              "Max abs difference after the same steps: parameters vs `torch_fused` (no blocks) or `unfused`, "
+              f"Max abs difference after the first {AGREEMENT_STEPS} steps, the same for every candidate: "
+              "parameters vs `torch_fused` (no blocks) or `unfused`, "
               "multipliers vs `unfused`. Small values mean every candidate computed the same update.", ""]
     worst: dict[str, float] = {}
     for record in results["cases"]:
