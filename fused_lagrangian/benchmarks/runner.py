@@ -23,6 +23,7 @@ CEILING = "ceiling"
 DUAL_ORACLE = "unfused"
 # Steps every candidate takes before the agreement check (and before timing, as warm-up).
 AGREEMENT_STEPS = 3
+MAX_STEPS_PER_SAMPLE = 1000
 
 
 def run_case(sweep: str, config: dict, factories: dict[str, Callable], *, repetitions: int, sample_seconds: float,
@@ -38,7 +39,7 @@ def run_case(sweep: str, config: dict, factories: dict[str, Callable], *, repeti
         except Exception as error:  # a missing extra or an unbuilt backend: report it, keep going
             skipped[name] = f"{type(error).__name__}: {error}"
     start = time.perf_counter()
-    inner = _common_inner(candidates, sample_seconds, device)
+    inner = _steps_per_sample(candidates, sample_seconds, device)
     agreement = _agreement(candidates)
     steps = {name: c.step for name, c in candidates.items()}
     attempts = []
@@ -60,6 +61,7 @@ def run_case(sweep: str, config: dict, factories: dict[str, Callable], *, repeti
             "min_s": timing.min,
             "max_s": timing.max,
             "samples_s": timing.samples,
+            "steps_per_sample": inner[name],
         }
     _add_ratios(results, bytes_per_step)
     record = {
@@ -67,7 +69,6 @@ def run_case(sweep: str, config: dict, factories: dict[str, Callable], *, repeti
         "config": config,
         "threads": threads,
         "repetitions": repetitions,
-        "steps_per_sample": inner,
         "bytes_per_step": bytes_per_step,
         "results": results,
         "skipped": skipped,
@@ -81,22 +82,26 @@ def run_case(sweep: str, config: dict, factories: dict[str, Callable], *, repeti
     return record
 
 
-def _common_inner(candidates: dict, sample_seconds: float, device: torch.device) -> int:
-    """Steps per sample, the same for every candidate (so all take the same steps and can be compared).
+def _steps_per_sample(candidates: dict, sample_seconds: float, device: torch.device) -> dict[str, int]:
+    """Per candidate, how many consecutive steps make one sample last about ``sample_seconds``.
 
     Every candidate takes its first AGREEMENT_STEPS steps here (they double as warm-up); the last one,
-    past the one-time allocations of optimizer state, sizes the samples on the slowest candidate.
+    past the one-time allocations of optimizer state, sizes its samples.  Sizing each candidate on its
+    own step (not on the slowest one's) keeps a fast step's samples long: timed one step at a time, it
+    would run with the cache the previous candidate left, and the same step would cost twice as much
+    next to a candidate that streams hundreds of MB as next to one that does not.
     """
-    slowest = 0.0
-    for candidate in candidates.values():
+    inner = {}
+    for name, candidate in candidates.items():
         for _ in range(AGREEMENT_STEPS - 1):
             candidate.step()
         start = time.perf_counter()
         candidate.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        slowest = max(slowest, time.perf_counter() - start)
-    return int(max(1, min(200, round(sample_seconds / max(slowest, 1e-6)))))
+        elapsed = max(time.perf_counter() - start, 1e-6)
+        inner[name] = int(max(1, min(MAX_STEPS_PER_SAMPLE, round(sample_seconds / elapsed))))
+    return inner
 
 
 def _add_ratios(results: dict, bytes_per_step: Optional[int]) -> None:

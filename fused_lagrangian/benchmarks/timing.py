@@ -2,8 +2,9 @@
 
 Timing candidates one after another lets a change in the machine's state (another process, frequency,
 page cache) land on one candidate only; interleaving spreads it over all of them, and the median over
-repetitions discards the outliers.  Each sample is the mean over ``inner`` consecutive steps, so a
-sample of a fast step is still well above the timer's resolution.
+repetitions discards the outliers.  Each sample is the mean over a candidate's ``inner`` consecutive
+steps, sized so that every sample lasts about as long: a fast step is timed well above the timer's
+resolution, and mostly with its own data in cache rather than whatever the previous candidate left.
 """
 
 from __future__ import annotations
@@ -40,9 +41,9 @@ def _synchronize(device: Optional[torch.device]) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_interleaved(steps: dict[str, Callable[[], None]], *, repetitions: int, inner: int, warmup: int = 2,
-                     device: Optional[torch.device] = None) -> dict[str, Timing]:
-    """Per-step seconds of each step function; every candidate runs ``warmup + repetitions * inner`` steps."""
+def time_interleaved(steps: dict[str, Callable[[], None]], *, repetitions: int, inner: dict[str, int],
+                     warmup: int = 2, device: Optional[torch.device] = None) -> dict[str, Timing]:
+    """Per-step seconds of each step function; candidate ``name`` runs ``warmup + repetitions * inner[name]`` steps."""
     names = list(steps)
     for name in names:
         for _ in range(warmup):
@@ -55,9 +56,9 @@ def time_interleaved(steps: dict[str, Callable[[], None]], *, repetitions: int, 
         for name in names[shift:] + names[:shift]:
             step = steps[name]
             start = time.perf_counter()
-            for _ in range(inner):
+            for _ in range(inner[name]):
                 step()
             _synchronize(device)
-            samples[name].append((time.perf_counter() - start) / inner)
+            samples[name].append((time.perf_counter() - start) / inner[name])
     return {name: Timing(samples[name]) for name in names}
 
