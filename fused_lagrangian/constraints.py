@@ -145,19 +145,46 @@ class ConstraintBlock:
     # Forward: validate, record the dual estimate, return the primal term.
 
     def __call__(self, values: Tensor, ids: Optional[Tensor] = None, dual_values: Optional[Tensor] = None) -> Tensor:
-        if torch.is_grad_enabled():
+        """Records this batch for the next ``step()`` (when grad is enabled) and returns the block's loss term."""
+        recording = torch.is_grad_enabled()
+        if recording:
             data_parallel = self._optimizer._data_parallel()
             if data_parallel is not None:
                 return data_parallel.block_call(self, values, ids, dual_values)
+        observed = self._observed_violations(values, ids, dual_values)
+        if observed is None:
+            return torch.zeros((), dtype=values.dtype, device=values.device)
+        ids, violations, dual_source = observed
+        if recording:
+            self._record(ids, dual_source)
+        return self._primal_term(violations, ids)
+
+    @torch.no_grad()
+    def observe(self, values: Tensor, ids: Optional[Tensor] = None, dual_values: Optional[Tensor] = None) -> None:
+        """Records this batch for the next ``step()`` and adds nothing to the loss.
+
+        For multipliers whose term reaches the loss some other way, or a dual estimate measured on other
+        samples than the loss; validation, non-finite policy and data parallelism are those of a call.
+        """
+        data_parallel = self._optimizer._data_parallel()
+        if data_parallel is not None:
+            data_parallel.block_call(self, values, ids, dual_values)
+            return
+        observed = self._observed_violations(values, ids, dual_values)
+        if observed is not None:
+            ids, _, dual_source = observed
+            self._record(ids, dual_source)
+
+    def _observed_violations(self, values: Tensor, ids: Optional[Tensor],
+                             dual_values: Optional[Tensor]) -> Optional[tuple[Tensor, Tensor, Tensor]]:
+        """Validated ids, signed violations and the dual estimate's source; None when skipped as non-finite."""
         ids = self._validate(values, ids, dual_values)
         if not self._all_finite(values, dual_values):
             self.nonfinite_skipped += 1
-            return torch.zeros((), dtype=values.dtype, device=values.device)
+            return None
         violations = self._signed_violation(values, ids)
         dual_source = violations if dual_values is None else self._signed_violation(dual_values, ids)
-        if torch.is_grad_enabled():
-            self._record(ids, dual_source)
-        return self._primal_term(violations, ids)
+        return ids, violations, dual_source
 
     def _record(self, ids: Tensor, dual_source: Tensor) -> None:
         self._pending_ids.append(ids)
@@ -193,8 +220,10 @@ class ConstraintBlock:
             if ids.device != self.device:
                 fail(f"ids are on {ids.device} but the multipliers are on {self.device}")
             ids = ids.long()
-            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= spec.num_constraints):
-                fail(f"ids out of range [0, {spec.num_constraints}): min {int(ids.min())}, max {int(ids.max())}")
+            if ids.numel():
+                lowest, highest = (int(bound) for bound in torch.aminmax(ids))
+                if lowest < 0 or highest >= spec.num_constraints:
+                    fail(f"ids out of range [0, {spec.num_constraints}): min {lowest}, max {highest}")
         if dual_values is not None:
             if not isinstance(dual_values, Tensor) or not dual_values.is_floating_point():
                 fail("dual_values must be a floating-point tensor")
@@ -203,7 +232,7 @@ class ConstraintBlock:
         return ids
 
     def _all_finite(self, values: Tensor, dual_values: Optional[Tensor]) -> bool:
-        finite = bool(torch.isfinite(values).all()) and (dual_values is None or bool(torch.isfinite(dual_values).all()))
+        finite = _all_finite(values) and (dual_values is None or _all_finite(dual_values))
         if not finite and self.spec.nonfinite == "raise":
             raise ConstraintInputError(
                 f"constraint block {self.name!r} ({self.spec.kind}): values contain NaN or inf "
@@ -221,7 +250,7 @@ class ConstraintBlock:
         if self.spec.to_overall:
             values = values - (values.mean() if overall_mean is None else overall_mean)
         bound = self._bound[ids] if isinstance(self._bound, Tensor) else self._bound
-        return SENSES[self.spec.sense] * (values - bound)
+        return bound - values if self.spec.sense == ">=" else values - bound
 
     def _primal_term(self, violations: Tensor, ids: Tensor) -> Tensor:
         spec = self.spec
@@ -316,3 +345,11 @@ class ConstraintBlock:
         self.dual_state.copy_(state["dual_state"])
         self.nonfinite_skipped = int(state["nonfinite_skipped"])
         self.discard_pending()
+
+
+def _all_finite(values: Tensor) -> bool:
+    # One reduction instead of isfinite().all(): a float64 sum of finite floats cannot overflow, and
+    # any NaN or inf makes it non-finite (inf - inf is NaN).  Float64 values could overflow it.
+    if values.dtype == torch.float64:
+        return bool(torch.isfinite(values).all())
+    return math.isfinite(float(values.detach().sum(dtype=torch.float64)))

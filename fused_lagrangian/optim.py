@@ -23,7 +23,6 @@ from torch import Tensor
 from . import backends, distributed
 from .constraints import ConstraintBlock, ConstraintSpec
 from .contract import Algorithm, PrimalFlag
-from .functional import fused_step
 
 
 def _as_float(value) -> float:
@@ -47,6 +46,7 @@ class LagrangianOptimizer(torch.optim.Optimizer):
         # torch.distributed is initialised); see distributed.py.
         self.process_group = process_group
         self.constraints: dict[str, ConstraintBlock] = {}
+        self._implementations: dict[tuple[str, str], Callable] = {}
         # GradScaler hands us grad_scale / found_inf instead of unscaling the gradients itself.
         self._step_supports_amp_scaling = True
 
@@ -107,28 +107,46 @@ class LagrangianOptimizer(torch.optim.Optimizer):
         for block in blocks:
             hparams += block.spec.dual_hparams
             flags.append(block.spec.dual_flags)
-        stats = fused_step(
+        device = primal[0][0].device if primal[0] else blocks[0].device
+        stats = self._implementation(device)(
             *primal, int(self.algorithm),
             [b.multipliers for b in blocks], [b.dual_state for b in blocks],
             [ids for ids, _ in pending], [v for _, v in pending], hparams, flags,
-            grad_scale, found_inf, backend=self.backend,
+            grad_scale, found_inf,
         )
         for block, row in zip(blocks, stats):
             block.last_stats = row
 
+    def _implementation(self, device: torch.device) -> Callable:
+        """The backend's ``fused_step`` for this device, resolved once: the probes cost more than a small step."""
+        key = (self.backend, device.type)
+        implementation = self._implementations.get(key)
+        if implementation is None:
+            implementation = backends.fused_step_of(backends.resolve(self.backend, device))
+            self._implementations[key] = implementation
+        return implementation
+
     def _gather_primal(self) -> tuple:
         """Lists in contract order: params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hparams, flags."""
         lists: tuple[list, ...] = ([], [], [], [], [], [], [], [])
+        hparams, flags = lists[6], lists[7]
         for group in self.param_groups:
+            group_hparams, group_flag = self._group_options(group)
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                self._append_primal(lists, p, group, self.state[p])
+                flags.append(int(group_flag | self._append_state(lists, p, group, self.state[p])))
+                hparams += group_hparams
         return distributed.local_shards(lists)
 
-    def _append_primal(self, lists: tuple, p: Tensor, group: dict, state: dict) -> None:
+    def _group_options(self, group: dict) -> tuple[list[float], PrimalFlag]:
+        """The group's hyperparameters in contract order and its flags."""
+        raise NotImplementedError
+
+    def _append_state(self, lists: tuple, p: Tensor, group: dict, state: dict) -> PrimalFlag:
+        """Appends p, its gradient and state to the tensor lists; returns flags that depend on the state."""
         raise NotImplementedError
 
     # ----------------------------------------------------------------------------------------------
@@ -208,8 +226,18 @@ class LagrangianSGD(LagrangianOptimizer):
                         fused=fused)
         super().__init__(params, defaults, backend, process_group)
 
-    def _append_primal(self, lists, p, group, state) -> None:
-        params, grads, buffers, _, _, _, hparams, flags = lists
+    def _group_options(self, group):
+        flag = PrimalFlag(0)
+        if group["maximize"]:
+            flag |= PrimalFlag.MAXIMIZE
+        if group["nesterov"]:
+            flag |= PrimalFlag.NESTEROV
+        hparams = [_as_float(group["lr"]), float(group["momentum"]), float(group["dampening"]), 0.0,
+                   _as_float(group["weight_decay"])]
+        return hparams, flag
+
+    def _append_state(self, lists, p, group, state):
+        params, grads, buffers = lists[:3]
         flag = PrimalFlag(0)
         if group["momentum"] != 0:
             if state.get("momentum_buffer") is None:
@@ -218,15 +246,9 @@ class LagrangianSGD(LagrangianOptimizer):
             buffers.append(state["momentum_buffer"])
         else:
             buffers.append(_empty_like(p))
-        if group["maximize"]:
-            flag |= PrimalFlag.MAXIMIZE
-        if group["nesterov"]:
-            flag |= PrimalFlag.NESTEROV
         params.append(p)
         grads.append(p.grad)
-        hparams += [_as_float(group["lr"]), float(group["momentum"]), float(group["dampening"]), 0.0,
-                    _as_float(group["weight_decay"])]
-        flags.append(int(flag))
+        return flag
 
 
 class LagrangianAdam(LagrangianOptimizer):
@@ -259,14 +281,7 @@ class LagrangianAdam(LagrangianOptimizer):
                         fused=fused, decoupled_weight_decay=decoupled_weight_decay)
         super().__init__(params, defaults, backend, process_group)
 
-    def _append_primal(self, lists, p, group, state) -> None:
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hparams, flags = lists
-        if "step" not in state:
-            state["step"] = torch.zeros((), dtype=torch.float32, device=_step_device(p))
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if group["amsgrad"]:
-                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    def _group_options(self, group):
         flag = PrimalFlag(0)
         if group["amsgrad"]:
             flag |= PrimalFlag.AMSGRAD
@@ -274,16 +289,26 @@ class LagrangianAdam(LagrangianOptimizer):
             flag |= PrimalFlag.MAXIMIZE
         if group["decoupled_weight_decay"]:
             flag |= PrimalFlag.DECOUPLED_WEIGHT_DECAY
+        beta1, beta2 = group["betas"]
+        hparams = [_as_float(group["lr"]), _as_float(beta1), _as_float(beta2), float(group["eps"]),
+                   float(group["weight_decay"])]
+        return hparams, flag
+
+    def _append_state(self, lists, p, group, state):
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = lists[:6]
+        if "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=_step_device(p))
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group["amsgrad"]:
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         params.append(p)
         grads.append(p.grad)
         exp_avgs.append(state["exp_avg"])
         exp_avg_sqs.append(state["exp_avg_sq"])
         max_exp_avg_sqs.append(state["max_exp_avg_sq"] if group["amsgrad"] else _empty_like(p))
         steps.append(state["step"])
-        beta1, beta2 = group["betas"]
-        hparams += [_as_float(group["lr"]), _as_float(beta1), _as_float(beta2), float(group["eps"]),
-                    float(group["weight_decay"])]
-        flags.append(int(flag))
+        return PrimalFlag(0)
 
 
 class LagrangianAdamW(LagrangianAdam):

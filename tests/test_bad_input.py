@@ -120,15 +120,17 @@ def clean_run(backend):
     return everything(model, optimizer)
 
 
+@pytest.mark.parametrize("entry", ["call", "observe"])
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_raises_naming_the_block_and_changes_nothing(backend, clean_run, case):
+def test_bad_input_raises_naming_the_block_and_changes_nothing(backend, clean_run, case, entry):
     name, kwargs, reason = BAD_INPUTS[case]
     model, optimizer = build(backend)
     train(model, optimizer, range(3))
     before = everything(model, optimizer)
 
+    block = optimizer.constraints[name]
     with pytest.raises(ConstraintInputError, match=f"'{name}'.*{reason}"):
-        optimizer.constraints[name](**kwargs)
+        block(**kwargs) if entry == "call" else block.observe(**kwargs)
     assert_identical(everything(model, optimizer), before)
 
     # A training loop that catches the error abandons the batch and goes on.

@@ -257,6 +257,25 @@ def test_dual_values_drive_the_dual_and_values_drive_the_gradient(backend):
     torch.testing.assert_close(values.grad, torch.tensor([0.5, 0.0]))
 
 
+def test_observe_records_like_a_call_and_adds_nothing_to_the_loss(backend):
+    optimizer, param = optimizer_with_param(backend)
+    block = optimizer.add_constraint("rows", kind="indexed", num_constraints=5, bound=0.5, dual_lr=0.1)
+    values = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    assert block.observe(values, ids=torch.tensor([2, 2, 4])) is None
+    assert values.grad is None and block.has_pending
+    step(optimizer, param)
+    # the same closed form as a call: g_2 = 0.5 + 1.5, g_4 = 2.5
+    torch.testing.assert_close(block.multipliers, torch.tensor([0.0, 0.0, 0.1 * 2.0, 0.0, 0.1 * 2.5]))
+    torch.testing.assert_close(param.detach(), torch.full((3,), -0.1))  # the task loss's gradient alone
+
+    with torch.no_grad():  # unlike a call (evaluation), observe records under no_grad
+        block(torch.tensor([9.0]), ids=torch.tensor([0]))
+        assert not block.has_pending
+        block.observe(torch.tensor([9.0]), ids=torch.tensor([0]))
+    step(optimizer, param)
+    assert block.multipliers[0].item() == pytest.approx(0.1 * 8.5)
+
+
 def _indexed_model_run(backend, batches: list[list[torch.Tensor]]):
     """SGD on w with an indexed block on v_i = w . x_i; each step accumulates over its list of micro-batches."""
     w = torch.tensor([0.3, -0.2], requires_grad=True)

@@ -46,7 +46,11 @@ def torch_primal_optimizer(params: list[Tensor], algorithm: str) -> torch.optim.
 
 
 class FusedLagrangian(StepCandidate):
-    """This package: the blocks record their batch, then one ``step()`` updates everything."""
+    """This package: the blocks observe their batch, then one ``step()`` updates everything.
+
+    ``observe`` records without the loss term, which belongs to the forward pass like every other
+    candidate's (the training benchmark times it).
+    """
 
     def __init__(self, data: StepData, backend: str) -> None:
         super().__init__(data)
@@ -63,7 +67,7 @@ class FusedLagrangian(StepCandidate):
 
     def _step(self, batch) -> None:
         for block, (ids, violations) in zip(self.blocks, batch):
-            block(violations, ids)
+            block.observe(violations, ids)
         self.optimizer.step()
 
     def multipliers(self) -> list[Tensor]:
