@@ -42,7 +42,7 @@ def _series_plot(axis, records: list[dict], x_of, xlabel: str, title: str) -> No
 def _training_bars(axis, records: list[dict]) -> None:
     names = ordered({n for r in records for n in r["results"]})
     fused = [n for n in names if n.startswith("fused:")]
-    records = sorted(records, key=lambda r: r["config"]["num_samples"])
+    records = sorted(records, key=lambda r: (-r["config"]["batch"], r["config"]["num_samples"]))
     width = 0.8 / max(1, len(names))
     for index, name in enumerate(names):
         xs, medians, errors = [], [], [[], []]

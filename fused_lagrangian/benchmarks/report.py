@@ -110,7 +110,8 @@ def headline_rows(results: dict) -> list[dict]:
                   and r["config"]["blocks"][0]["batch"] == 4096]
     training = by_sweep.get("training", [])
     if training:
-        picks.append(max(training, key=lambda r: r["config"]["num_samples"]))
+        largest_n = max(r["config"]["num_samples"] for r in training)
+        picks += [r for r in training if r["config"]["num_samples"] == largest_n]
     return picks
 
 
