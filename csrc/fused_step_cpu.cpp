@@ -55,6 +55,7 @@ struct DualEntry {
   bool ids_are_int32;
   const float* violations;
   int64_t num_samples;
+  int64_t num_constraints;
   DualCoefficients coefficients;
   float* stats_row;
 };
@@ -167,75 +168,98 @@ void run_primal_chunk(const PrimalEntry& e, bool adam, int64_t begin, int64_t en
 // ------------------------------------------------------------------------------------------------
 // Dual blocks
 
-// Open-addressing table from constraint id to its slot among this block's touched constraints.
-// Reused across steps by each thread; sized by the batch, never by the number of constraints.
-struct TouchedConstraints {
-  std::vector<int32_t> table;  // 1 + the slot of the id hashed here; 0 when free
-  std::vector<int64_t> ids;    // per slot: the constraint id, its sum and its number of samples
-  std::vector<float> sums;
-  std::vector<float> counts;
-  int64_t size = 0;
-  uint64_t mask = 0;
+// Groups one block's samples by constraint id: open addressing with linear probing, in a table sized
+// by how many distinct ids the batch can hold (the fewer of samples and constraints), so its cost
+// never grows with the number of constraints.  Reused across steps by each thread.
+class TouchedConstraints {
+ public:
+  // One touched constraint: its id, the sum of its samples and their number, on one cache line.
+  struct Slot {
+    int64_t id;
+    float sum;
+    float count;
+  };
 
-  void reset(int64_t num_samples) {
-    int64_t capacity = 16;
-    while (capacity < 2 * num_samples) capacity *= 2;
-    table.assign(capacity, 0);
-    mask = static_cast<uint64_t>(capacity - 1);
-    if (static_cast<int64_t>(ids.size()) < num_samples) {
-      ids.resize(num_samples);
-      sums.resize(num_samples);
-      counts.resize(num_samples);
-    }
-    size = 0;
-  }
-
-  // Samples are added in order, so each constraint's sum has the same rounding as index_add_.
-  void add(int64_t id, float violation) {
-    uint64_t h = (static_cast<uint64_t>(id) * 0x9E3779B97F4A7C15ull) >> 20;
-    int64_t slot;
-    while (true) {
-      h &= mask;
-      const int32_t entry = table[h];
+  template <typename Id>
+  void gather(const Id* __restrict__ ids, const float* __restrict__ violations, int64_t num_samples,
+              int64_t num_constraints) {
+    reset(std::min(num_samples, num_constraints));
+    int32_t* __restrict__ table = table_.data();
+    Slot* __restrict__ slots = slots_.data();
+    const uint64_t mask = mask_;
+    int32_t size = 0;
+    // Samples are added in order, so each constraint's sum has the same rounding as index_add_.
+    for (int64_t i = 0; i < num_samples; ++i) {
+      const int64_t id = static_cast<int64_t>(ids[i]);
+      if (i + kTablePrefetchDistance < num_samples) {
+        __builtin_prefetch(table + (hash(static_cast<int64_t>(ids[i + kTablePrefetchDistance])) & mask), 1, 3);
+      }
+      uint64_t h = hash(id) & mask;
+      int32_t entry;
+      while ((entry = table[h]) != 0 && slots[entry - 1].id != id) h = (h + 1) & mask;
       if (entry == 0) {
-        slot = size++;
-        table[h] = static_cast<int32_t>(slot + 1);
-        ids[slot] = id;
-        sums[slot] = 0.0f;
-        counts[slot] = 0.0f;
-        break;
+        slots[size] = {id, 0.0f, 0.0f};
+        entry = ++size;
+        table[h] = entry;
       }
-      if (ids[entry - 1] == id) {
-        slot = entry - 1;
-        break;
-      }
-      ++h;
+      Slot& slot = slots[entry - 1];
+      slot.sum += violations[i];
+      slot.count += 1.0f;
     }
-    sums[slot] += violation;
-    counts[slot] += 1.0f;
+    size_ = size;
   }
+
+  int64_t size() const { return size_; }
+  const Slot* slots() const { return slots_.data(); }
+
+ private:
+  // How many samples ahead the gather loop pulls the table entry it will probe into the cache.
+  static constexpr int64_t kTablePrefetchDistance = 16;
+
+  static uint64_t hash(int64_t id) { return (static_cast<uint64_t>(id) * 0x9E3779B97F4A7C15ull) >> 20; }
+
+  // A load factor of at most 1/4 keeps probe runs short, so the probe loop's branch rarely
+  // mispredicts even when the samples hit the same few constraints over and over.
+  void reset(int64_t max_distinct) {
+    int64_t capacity = 16;
+    while (capacity < 4 * max_distinct) capacity *= 2;
+    table_.assign(capacity, 0);
+    mask_ = static_cast<uint64_t>(capacity - 1);
+    if (static_cast<int64_t>(slots_.size()) < max_distinct) slots_.resize(max_distinct);
+    size_ = 0;
+  }
+
+  std::vector<int32_t> table_;  // 1 + the slot of the id hashed here; 0 when free
+  std::vector<Slot> slots_;
+  int64_t size_ = 0;
+  uint64_t mask_ = 0;
 };
 
-template <typename Id>
-void gather_samples(const DualEntry& b, TouchedConstraints& touched) {
-  const Id* ids = static_cast<const Id*>(b.ids);
-  for (int64_t i = 0; i < b.num_samples; ++i) touched.add(static_cast<int64_t>(ids[i]), b.violations[i]);
-}
+// How many touched constraints ahead the update loop prefetches multipliers (and smoothed errors):
+// enough misses in flight to overlap their latency, and their page walks when the arrays are large.
+constexpr int64_t kStatePrefetchDistance = 16;
 
 void run_dual_block(const DualEntry& b) {
   thread_local TouchedConstraints touched;
-  touched.reset(b.num_samples);
   if (b.ids_are_int32) {
-    gather_samples<int32_t>(b, touched);
+    touched.gather(static_cast<const int32_t*>(b.ids), b.violations, b.num_samples, b.num_constraints);
   } else {
-    gather_samples<int64_t>(b, touched);
+    touched.gather(static_cast<const int64_t*>(b.ids), b.violations, b.num_samples, b.num_constraints);
   }
+  const TouchedConstraints::Slot* slots = touched.slots();
+  const int64_t num_touched = touched.size();
+  float* const multipliers = b.multipliers;
+  float* const smoothed_errors = b.smoothed_errors;
   float max_measure = 0.0f, num_positive = 0.0f;
-  const int64_t num_touched = touched.size;
   for (int64_t s = 0; s < num_touched; ++s) {
-    const int64_t k = touched.ids[s];
-    const float measure = dual_update(touched.sums[s], touched.counts[s], b.multipliers[k],
-                                      b.smoothed_errors ? b.smoothed_errors + k : nullptr, b.coefficients);
+    if (s + kStatePrefetchDistance < num_touched) {
+      const int64_t ahead = slots[s + kStatePrefetchDistance].id;
+      __builtin_prefetch(multipliers + ahead, 1, 3);
+      if (smoothed_errors) __builtin_prefetch(smoothed_errors + ahead, 1, 3);
+    }
+    const int64_t k = slots[s].id;
+    const float measure = dual_update(slots[s].sum, slots[s].count, multipliers[k],
+                                      smoothed_errors ? smoothed_errors + k : nullptr, b.coefficients);
     max_measure = s == 0 ? measure : nan_max(max_measure, measure);
     num_positive += measure > 0.0f ? 1.0f : 0.0f;
   }
@@ -251,8 +275,11 @@ template <typename Id>
 void check_ids_in_range(const at::Tensor& ids, int64_t num_constraints, int64_t block) {
   const Id* data = ids.const_data_ptr<Id>();
   const int64_t n = ids.numel();
+  // One unsigned comparison catches negative ids too, and keeps the loop vectorisable.
+  const uint64_t limit = static_cast<uint64_t>(num_constraints);
   int64_t out_of_range = 0;
-  for (int64_t i = 0; i < n; ++i) out_of_range += (data[i] < 0) | (data[i] >= num_constraints);
+#pragma omp simd reduction(+ : out_of_range)
+  for (int64_t i = 0; i < n; ++i) out_of_range += static_cast<uint64_t>(static_cast<int64_t>(data[i])) >= limit;
   TORCH_CHECK(out_of_range == 0, "fused_step: ids[", block, "] has ", out_of_range,
               " id(s) outside [0, ", num_constraints, ")");
 }
@@ -333,7 +360,7 @@ at::Tensor fused_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
     dual.push_back({multipliers[j].data_ptr<float>(),
                     args.has_smoothed_error(j) ? dual_states[j].data_ptr<float>() : nullptr,
                     ids[j].const_data_ptr(), ids[j].scalar_type() == at::kInt,
-                    violations[j].const_data_ptr<float>(), n,
+                    violations[j].const_data_ptr<float>(), n, multipliers[j].numel(),
                     dual_coefficients(dual_hparams.data() + j * kDualHparams, dual_flags[j]),
                     stats.data_ptr<float>() + j * kStatsColumns});
   }
