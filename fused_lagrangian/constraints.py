@@ -127,7 +127,9 @@ class ConstraintBlock:
         self._pending_ids: list[Tensor] = []
         self._pending_violations: list[Tensor] = []
         self.nonfinite_skipped = 0
-        self.last_stats: Optional[Tensor] = None
+        # (statistics of the last step, this block's row): read only by report(), so the step never
+        # pays for slicing it.
+        self.last_stats: Optional[tuple[Tensor, int]] = None
 
     @property
     def name(self) -> str:
@@ -311,7 +313,10 @@ class ConstraintBlock:
 
     def report(self) -> dict:
         lam = self.multipliers
-        observed, max_violation, violated = (self.last_stats.tolist() if self.last_stats is not None else (0, 0.0, 0))
+        observed, max_violation, violated = (0, 0.0, 0)
+        if self.last_stats is not None:
+            stats, row = self.last_stats
+            observed, max_violation, violated = stats[row].tolist()
         return {
             "kind": self.spec.kind,
             "num_constraints": self.spec.num_constraints,

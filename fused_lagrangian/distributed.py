@@ -79,16 +79,13 @@ def local_shards(lists: tuple) -> tuple:
 
     ``to_local()`` aliases the shard's storage, so the kernel's in-place update is the DTensor's update.
     """
-    if not any(_is_dtensor(p) for p in lists[0]):
-        return lists
-    tensors, rest = lists[:6], lists[6:]
-    return tuple([t.to_local() if _is_dtensor(t) else t for t in entries] for entries in tensors) + tuple(rest)
-
-
-def _is_dtensor(t: Tensor) -> bool:
     # Importing torch.distributed.tensor costs seconds; if nobody imported it, no DTensor exists.
     module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(t, module.DTensor)
+    if module is None or not any(isinstance(p, module.DTensor) for p in lists[0]):
+        return lists
+    tensors, rest = lists[:6], lists[6:]
+    return tuple([t.to_local() if isinstance(t, module.DTensor) else t for t in entries]
+                 for entries in tensors) + tuple(rest)
 
 
 @dataclasses.dataclass

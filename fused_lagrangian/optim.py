@@ -114,8 +114,8 @@ class LagrangianOptimizer(torch.optim.Optimizer):
             [ids for ids, _ in pending], [v for _, v in pending], hparams, flags,
             grad_scale, found_inf,
         )
-        for block, row in zip(blocks, stats):
-            block.last_stats = row
+        for row, block in enumerate(blocks):
+            block.last_stats = (stats, row)
 
     def _implementation(self, device: torch.device) -> Callable:
         """The backend's ``fused_step`` for this device, resolved once: the probes cost more than a small step."""
@@ -137,16 +137,19 @@ class LagrangianOptimizer(torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                flags.append(int(group_flag | self._append_state(lists, p, group, self.state[p])))
+                flags.append(group_flag | self._append_state(lists, p, group, self.state[p]))
                 hparams += group_hparams
         return distributed.local_shards(lists)
 
-    def _group_options(self, group: dict) -> tuple[list[float], PrimalFlag]:
-        """The group's hyperparameters in contract order and its flags."""
+    def _group_options(self, group: dict) -> tuple[list[float], int]:
+        """The group's hyperparameters in contract order and its ``PrimalFlag`` bits."""
         raise NotImplementedError
 
-    def _append_state(self, lists: tuple, p: Tensor, group: dict, state: dict) -> PrimalFlag:
-        """Appends p, its gradient and state to the tensor lists; returns flags that depend on the state."""
+    def _append_state(self, lists: tuple, p: Tensor, group: dict, state: dict) -> int:
+        """Appends p, its gradient and state to the tensor lists; returns ``PrimalFlag`` bits of the state.
+
+        Flags are plain ints here: enum arithmetic per tensor and step costs more than the rest of it.
+        """
         raise NotImplementedError
 
     # ----------------------------------------------------------------------------------------------
@@ -189,6 +192,7 @@ def _step_device(p: Tensor) -> torch.device:
 
 
 _EMPTY: dict = {}
+_FIRST_MOMENTUM_STEP = int(PrimalFlag.FIRST_MOMENTUM_STEP)
 
 
 def _empty_like(p: Tensor) -> Tensor:
@@ -234,15 +238,15 @@ class LagrangianSGD(LagrangianOptimizer):
             flag |= PrimalFlag.NESTEROV
         hparams = [_as_float(group["lr"]), float(group["momentum"]), float(group["dampening"]), 0.0,
                    _as_float(group["weight_decay"])]
-        return hparams, flag
+        return hparams, int(flag)
 
     def _append_state(self, lists, p, group, state):
         params, grads, buffers = lists[:3]
-        flag = PrimalFlag(0)
+        flag = 0
         if group["momentum"] != 0:
             if state.get("momentum_buffer") is None:
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                flag |= PrimalFlag.FIRST_MOMENTUM_STEP
+                flag = _FIRST_MOMENTUM_STEP
             buffers.append(state["momentum_buffer"])
         else:
             buffers.append(_empty_like(p))
@@ -292,7 +296,7 @@ class LagrangianAdam(LagrangianOptimizer):
         beta1, beta2 = group["betas"]
         hparams = [_as_float(group["lr"]), _as_float(beta1), _as_float(beta2), float(group["eps"]),
                    float(group["weight_decay"])]
-        return hparams, flag
+        return hparams, int(flag)
 
     def _append_state(self, lists, p, group, state):
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = lists[:6]
@@ -308,7 +312,7 @@ class LagrangianAdam(LagrangianOptimizer):
         exp_avg_sqs.append(state["exp_avg_sq"])
         max_exp_avg_sqs.append(state["max_exp_avg_sq"] if group["amsgrad"] else _empty_like(p))
         steps.append(state["step"])
-        return PrimalFlag(0)
+        return 0
 
 
 class LagrangianAdamW(LagrangianAdam):
