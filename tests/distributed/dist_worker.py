@@ -74,15 +74,23 @@ def add_blocks(optimizer: LagrangianAdam, nonfinite: str = "raise") -> None:
                              ordering="dual_first", nonfinite=nonfinite)
 
 
-def train_step(model: nn.Module, optimizer: LagrangianAdam, batch: dict) -> None:
+def train_step(model: nn.Module, optimizer: LagrangianAdam, batch: dict, observe_parity: bool = False) -> None:
+    """observe_parity: the parity block only observes its values (no loss term)."""
     blocks = optimizer.constraints
     logits = model(batch["x"]).squeeze(1)
     rates = torch.sigmoid(logits)
     per_sample = F.binary_cross_entropy_with_logits(logits, batch["y"], reduction="none")
     parity_values = rates.masked_fill(batch["poison"], float("nan"))
+    parity_arguments = dict(ids=batch["groups"], dual_values=(logits > 0).float())
+    per_sample_term = blocks["per_sample"](per_sample, ids=batch["ids"])  # called first (test_bad_input)
+    if observe_parity:
+        blocks["parity"].observe(parity_values, **parity_arguments)
+        parity_term = 0.0
+    else:
+        parity_term = blocks["parity"](parity_values, **parity_arguments)
     loss = (per_sample.mean()
-            + blocks["per_sample"](per_sample, ids=batch["ids"])
-            + blocks["parity"](parity_values, ids=batch["groups"], dual_values=(logits > 0).float())
+            + per_sample_term
+            + parity_term
             + blocks["mean_rate"](rates.mean().unsqueeze(0))
             + blocks["group_floor"](rates, ids=batch["groups"]))
     loss.backward()
@@ -99,14 +107,14 @@ def snapshot(parameters: list[torch.Tensor], optimizer: LagrangianAdam) -> dict:
     }
 
 
-def reference_run(poison_steps: tuple[int, ...] = (), nonfinite: str = "raise") -> dict:
+def reference_run(poison_steps: tuple[int, ...] = (), nonfinite: str = "raise", observe_parity: bool = False) -> dict:
     """The oracle: one process, no torch.distributed, each step's global batch at once."""
     data = dataset()
     model = build_model()
     optimizer = LagrangianAdam(model.parameters(), lr=LR)
     add_blocks(optimizer, nonfinite)
     for step in range(STEPS):
-        train_step(model, optimizer, global_batch(data, step, poison_steps))
+        train_step(model, optimizer, global_batch(data, step, poison_steps), observe_parity)
     return snapshot(list(model.parameters()), optimizer)
 
 
@@ -159,6 +167,20 @@ def scenario_nan_skip(rank: int, world_size: int, out_dir: str) -> dict:
     add_blocks(optimizer, nonfinite="skip")
     for step in range(STEPS):
         train_step(ddp_model, optimizer, shard(global_batch(data, step, poison_steps=(2, 5)), rank, world_size))
+    return {"run": snapshot(list(model.parameters()), optimizer)}
+
+
+def scenario_observe(rank: int, world_size: int, out_dir: str) -> dict:
+    """DDP steps in which the parity block only observes (ConstraintBlock.observe) its shard."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    data = dataset()
+    model = build_model()
+    ddp_model = DDP(model)
+    optimizer = LagrangianAdam(ddp_model.parameters(), lr=LR)
+    add_blocks(optimizer)
+    for step in range(STEPS):
+        train_step(ddp_model, optimizer, shard(global_batch(data, step), rank, world_size), observe_parity=True)
     return {"run": snapshot(list(model.parameters()), optimizer)}
 
 
@@ -253,6 +275,7 @@ SCENARIOS: dict[str, Callable[[int, int, str], dict]] = {
     "ddp": scenario_ddp,
     "nan_skip": scenario_nan_skip,
     "bad_input": scenario_bad_input,
+    "observe": scenario_observe,
     "fsdp": scenario_fsdp,
 }
 

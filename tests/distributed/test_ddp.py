@@ -64,3 +64,13 @@ def test_nan_skip_skips_identically_and_matches_single_process(distributed_run) 
     for report in (rank0["run"]["report"], rank1["run"]["report"], oracle["report"]):
         assert report["parity"]["nonfinite_skipped"] == 2
         assert report["per_sample"]["nonfinite_skipped"] == 0
+
+
+def test_observe_records_the_global_batch_like_a_call(distributed_run, single_process_run) -> None:
+    rank0, rank1 = distributed_run.results("observe")
+    assert_bitwise_equal(rank0["run"], rank1["run"])
+    oracle = reference_run(observe_parity=True)
+    assert_close(rank0["run"], oracle, atol=1e-6)
+    # Without its term the parity block no longer shapes the model, but its multipliers still move.
+    assert oracle["multipliers"]["parity"].abs().max() > 1e-2
+    assert not torch.equal(oracle["params"][0], single_process_run["params"][0])
