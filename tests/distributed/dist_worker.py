@@ -156,15 +156,21 @@ def scenario_ddp(rank: int, world_size: int, out_dir: str) -> dict:
     return result
 
 
-def scenario_nan_skip(rank: int, world_size: int, out_dir: str) -> dict:
-    """nonfinite="skip": the last rank feeds NaN at steps 2 and 5; every rank skips those calls."""
+def ddp_training(nonfinite: str = "raise") -> tuple[nn.Module, nn.Module, LagrangianAdam]:
+    """A fresh model, its DDP wrapper and an optimizer with every block."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    data = dataset()
     model = build_model()
     ddp_model = DDP(model)
     optimizer = LagrangianAdam(ddp_model.parameters(), lr=LR)
-    add_blocks(optimizer, nonfinite="skip")
+    add_blocks(optimizer, nonfinite)
+    return model, ddp_model, optimizer
+
+
+def scenario_nan_skip(rank: int, world_size: int, out_dir: str) -> dict:
+    """nonfinite="skip": the last rank feeds NaN at steps 2 and 5; every rank skips those calls."""
+    data = dataset()
+    model, ddp_model, optimizer = ddp_training(nonfinite="skip")
     for step in range(STEPS):
         train_step(ddp_model, optimizer, shard(global_batch(data, step, poison_steps=(2, 5)), rank, world_size))
     return {"run": snapshot(list(model.parameters()), optimizer)}
@@ -172,13 +178,8 @@ def scenario_nan_skip(rank: int, world_size: int, out_dir: str) -> dict:
 
 def scenario_observe(rank: int, world_size: int, out_dir: str) -> dict:
     """DDP steps in which the parity block only observes (ConstraintBlock.observe) its shard."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     data = dataset()
-    model = build_model()
-    ddp_model = DDP(model)
-    optimizer = LagrangianAdam(ddp_model.parameters(), lr=LR)
-    add_blocks(optimizer)
+    model, ddp_model, optimizer = ddp_training()
     for step in range(STEPS):
         train_step(ddp_model, optimizer, shard(global_batch(data, step), rank, world_size), observe_parity=True)
     return {"run": snapshot(list(model.parameters()), optimizer)}
@@ -186,13 +187,8 @@ def scenario_observe(rank: int, world_size: int, out_dir: str) -> dict:
 
 def scenario_bad_input(rank: int, world_size: int, out_dir: str) -> dict:
     """NaN on the last rank (nonfinite="raise"), then an out-of-range id on rank 0: every rank raises."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     data = dataset()
-    model = build_model()
-    ddp_model = DDP(model)
-    optimizer = LagrangianAdam(ddp_model.parameters(), lr=LR)
-    add_blocks(optimizer)
+    model, ddp_model, optimizer = ddp_training()
     train_step(ddp_model, optimizer, shard(global_batch(data, 0), rank, world_size))
     before = snapshot(list(model.parameters()), optimizer)
     errors = {}
