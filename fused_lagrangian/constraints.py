@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .contract import DualFlag
+from .memory import constraint_state
 from .ops import lagrangian_term
 
 if TYPE_CHECKING:
@@ -117,10 +118,10 @@ class ConstraintBlock:
         self.spec = spec
         self._optimizer = optimizer
         k = spec.num_constraints
-        self.multipliers = torch.full((k,), float(spec.init), dtype=torch.float32, device=device)
+        self.multipliers = constraint_state(k, float(spec.init), device)
         if not spec.is_equality:
             self.multipliers.clamp_(0.0, spec.max_multiplier)
-        self.dual_state = torch.zeros(k if spec.dual_rule == "nupi" else 0, dtype=torch.float32, device=device)
+        self.dual_state = constraint_state(k if spec.dual_rule == "nupi" else 0, 0.0, device)
         self._bound = spec.bound.to(device=device, dtype=torch.float32) if isinstance(spec.bound, Tensor) else float(spec.bound)
         if isinstance(self._bound, Tensor) and self._bound.shape != (k,):
             raise ValueError(f"constraint block {spec.name!r}: bound must be a float or have shape ({k},)")
