@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fused_lagrangian.benchmarks import fused_backends, run_cases
-from fused_lagrangian.benchmarks.problems import BlockConfig, StepProblem, TrainingProblem
+from fused_lagrangian.benchmarks.problems import BlockConfig, FlatProblem, StepProblem, TrainingProblem
 from fused_lagrangian.benchmarks.sweeps import Case
 from fused_lagrangian.benchmarks.timing import time_interleaved
 
@@ -27,10 +27,22 @@ TOY_CASES = [
     Case("threads", StepProblem(1000, TOY_BLOCKS, algorithm="sgd"), threads=1),
     Case("indexed", StepProblem(1000, (BlockConfig("indexed", 50, 64),)), threads=1),
     Case("indexed", StepProblem(1000, (BlockConfig("indexed", 5000, 64),)), threads=1),
+    Case("flat", FlatProblem(1000, 64, (50, 5000)), threads=1),
     Case("grouped", StepProblem(1000, (BlockConfig("grouped", 7, 64),)), threads=1),
     Case("training", TrainingProblem(num_samples=1000, batch=32, hidden=(16,)), threads=1),
 ]
 CONSTRAINED = {"cooper", "unfused"}
+FLAT_NS = ("5e+01", "5e+03")
+
+
+def is_constrained(record: dict) -> bool:
+    return record["sweep"] in ("training", "flat") or bool(record["config"]["blocks"])
+
+
+def is_oracle(name: str) -> bool:
+    return name.partition(" @")[0] == "unfused"
+
+
 RESULT_FIELDS = {"median_s", "min_s", "max_s", "samples_s", "steps_per_sample", "ratio_to_torch_fused",
                  "fraction_of_ceiling", "effective_GBps"}
 
@@ -49,7 +61,9 @@ def test_every_candidate_produced_numbers(run):
     assert "fused:reference" in fused
     for record in results["cases"]:
         expected = fused | {"torch_fused", "ceiling"}
-        if record["sweep"] == "training" or record["config"]["blocks"]:
+        if record["sweep"] == "flat":  # every constrained candidate but Cooper at each N, one floor
+            expected = {f"{name} @N={n}" for name in fused | {"unfused"} for n in FLAT_NS} | {"torch_fused", "ceiling"}
+        elif is_constrained(record):
             expected |= CONSTRAINED
         assert set(record["results"]) == expected, record["config"]
         assert record["skipped"] == {}
@@ -68,10 +82,11 @@ def test_candidates_compute_the_same_update(run):
     """Same steps on the same inputs: fused, Cooper and hand-written PyTorch end at the same point."""
     _, results = run
     for record in results["cases"]:
-        constrained = record["sweep"] == "training" or record["config"]["blocks"]
+        constrained = is_constrained(record)
         # The oracle is not compared with itself, the ceiling computes nothing comparable, and with
         # constraints the unconstrained floor takes a different path.
-        names = set(record["results"]) - {"ceiling", "torch_fused"} - ({"unfused"} if constrained else set())
+        names = {name for name in record["results"] if name not in ("ceiling", "torch_fused")
+                 and not (constrained and is_oracle(name))}
         assert set(record["agreement"]) == names, record["config"]
         for name, entry in record["agreement"].items():
             if constrained:

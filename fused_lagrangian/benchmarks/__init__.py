@@ -22,9 +22,9 @@ import torch
 from .. import backends
 from . import machine, plots, report, targets
 from .contention import QUIET_FRACTION, QuietPolicy
-from .problems import StepData, TrainingData, TrainingProblem
+from .problems import FlatProblem, StepData, TrainingData, TrainingProblem
 from .runner import run_case
-from .step_candidates import step_candidates
+from .step_candidates import flat_candidates, step_candidates
 from .sweeps import SWEEPS, Case, cases
 from .training_candidates import training_candidates
 
@@ -70,6 +70,9 @@ def run_cases(selected: Iterable[Case], out_dir: str, *, repetitions: int, sampl
             if isinstance(case.problem, TrainingProblem):
                 factories = training_candidates(TrainingData(case.problem, device), names)
                 bytes_per_step = None
+            elif isinstance(case.problem, FlatProblem):
+                factories = flat_candidates(case.problem, device, names)
+                bytes_per_step = case.problem.step_problem(1).primal_bytes + 16 * case.problem.batch
             else:
                 factories = step_candidates(StepData(case.problem, device), names)
                 bytes_per_step = case.problem.primal_bytes + case.problem.dual_bytes

@@ -54,6 +54,18 @@ class StepProblem:
         return sum(16 * block.batch for block in self.blocks)
 
 
+@dataclasses.dataclass(frozen=True)
+class FlatProblem:
+    """One indexed block of ``batch`` samples at each of several N, on the same parameters."""
+
+    num_params: int
+    batch: int
+    num_constraints: tuple[int, ...]
+
+    def step_problem(self, num_constraints: int) -> StepProblem:
+        return StepProblem(self.num_params, (BlockConfig("indexed", num_constraints, self.batch),))
+
+
 class StepData:
     """Initial parameters, fixed gradients and the batches of constraint data of a ``StepProblem``."""
 

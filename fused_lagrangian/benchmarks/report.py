@@ -31,6 +31,10 @@ def ordered(names) -> list[str]:
 
 def case_label(record: dict) -> str:
     config = record["config"]
+    if record["sweep"] == "flat":
+        ns = " and ".join(f"{n:.0e}" for n in config["num_constraints"])
+        return (f"{config['num_params']:.0e} params adam, indexed N={ns} interleaved, B={config['batch']}, "
+                f"{record['threads']} thr")
     if record["sweep"] == "training":
         return (f"{config['model']} ({config['num_params']:,} params), N={config['num_samples']:.0e}, "
                 f"B={config['batch']}")

@@ -125,14 +125,17 @@ def _agreement(candidates: dict) -> dict:
     """
     agreement = {}
     floor = candidates.get(FLOOR)
-    oracle = candidates.get(DUAL_ORACLE)
     for name, candidate in candidates.items():
         if name == CEILING:
             continue
+        # A variant "<candidate> @<problem>" is checked against the oracle of the same problem.
+        _, at, variant = name.partition(" @")
+        oracle_name = DUAL_ORACLE + at + variant
+        oracle = candidates.get(oracle_name)
         entry = {}
         if floor is not None and not candidate.multipliers() and name != FLOOR:
             entry["params_vs_torch_fused"] = _max_abs_diff(candidate.params, floor.params)
-        if oracle is not None and candidate.multipliers() and name != DUAL_ORACLE:
+        if oracle is not None and candidate.multipliers() and name != oracle_name:
             entry["multipliers_vs_unfused"] = _max_abs_diff(candidate.multipliers(), oracle.multipliers())
             entry["params_vs_unfused"] = _max_abs_diff(candidate.params, oracle.params)
         if entry:

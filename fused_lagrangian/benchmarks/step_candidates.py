@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import LagrangianAdam, LagrangianSGD
-from .problems import DUAL_LR, LR, MOMENTUM, StepData
+from .problems import DUAL_LR, LR, MOMENTUM, FlatProblem, StepData
 
 try:
     import cooper
@@ -205,4 +205,19 @@ def step_candidates(data: StepData, fused_backends: list[str]) -> dict:
         factories["unfused"] = lambda: HandWritten(data)
     factories["torch_fused"] = lambda: TorchFused(data)
     factories["ceiling"] = lambda: BandwidthCeiling(data)
+    return factories
+
+
+def flat_candidates(problem: FlatProblem, device: torch.device, fused_backends: list[str]) -> dict:
+    """Each fused backend and the hand-written step at every N (named ``"<candidate> @N=<N>"``), floor and ceiling.
+
+    Timed in one interleaved run, so their ratios are free of the drift between separately timed cases.
+    """
+    factories = {}
+    for num_constraints in problem.num_constraints:
+        per_n = step_candidates(StepData(problem.step_problem(num_constraints), device), fused_backends)
+        for name in [f"fused:{backend}" for backend in fused_backends] + ["unfused"]:
+            factories[f"{name} @N={num_constraints:.0e}"] = per_n[name]
+        factories.setdefault("torch_fused", per_n["torch_fused"])
+        factories.setdefault("ceiling", per_n["ceiling"])
     return factories

@@ -4,6 +4,8 @@
     threads   the 10M-parameter step (Adam and SGD) at 1 and 2 threads, and an indexed block of
               10^4 vs 10^8 constraints at 10M parameters (the native-step targets)
     indexed   step alone vs number of per-sample constraints N, at batch 512 and 4096
+    flat      the same step at the smallest and the largest N timed in one interleaved run (the
+              flatness target: cases timed minutes apart differ by the machine's drift, not by N)
     grouped   step alone vs number of groups K
     training  forward + backward + step of a ~50k-parameter MLP with N per-sample constraints, at
               batch 512 and, where the dual machinery dominates the step, batch 128
@@ -18,9 +20,9 @@ from typing import Union
 
 import torch
 
-from .problems import BlockConfig, StepProblem, TrainingProblem
+from .problems import BlockConfig, FlatProblem, StepProblem, TrainingProblem
 
-SWEEPS = ("params", "threads", "indexed", "grouped", "training")
+SWEEPS = ("params", "threads", "indexed", "flat", "grouped", "training")
 # The blocks of the native-step targets: 10^6 per-sample constraints and 10^3 groups, batch 4096.
 STANDARD_BLOCKS = (BlockConfig("indexed", 10**6, 4096), BlockConfig("grouped", 10**3, 4096))
 # Parameters of the constraint sweeps: big enough to be a real model's step, small enough that the
@@ -31,12 +33,15 @@ CONSTRAINT_SWEEP_PARAMS = 10**6
 @dataclasses.dataclass(frozen=True)
 class Case:
     sweep: str
-    problem: Union[StepProblem, TrainingProblem]
+    problem: Union[StepProblem, FlatProblem, TrainingProblem]
     threads: int
 
     @property
     def config(self) -> dict:
         problem = self.problem
+        if isinstance(problem, FlatProblem):
+            return {"num_params": problem.num_params, "batch": problem.batch,
+                    "num_constraints": list(problem.num_constraints)}
         if isinstance(problem, TrainingProblem):
             return {"num_samples": problem.num_samples, "batch": problem.batch, "num_params": problem.num_params,
                     "model": f"MLP {problem.features}-{'-'.join(map(str, problem.hidden))}-{problem.classes}"}
@@ -68,6 +73,10 @@ def cases(quick: bool) -> list[Case]:
         for exponent in exponents:
             block = BlockConfig("indexed", 10**exponent, batch)
             found.append(Case("indexed", StepProblem(CONSTRAINT_SWEEP_PARAMS, (block,)), threads))
+
+    for batch in (512, 4096):
+        extremes = (10**exponents[0], 10**exponents[-1])
+        found.append(Case("flat", FlatProblem(CONSTRAINT_SWEEP_PARAMS, batch, extremes), threads))
 
     for exponent in ([1, 3, 5] if quick else [1, 2, 3, 4, 5]):
         block = BlockConfig("grouped", 10**exponent, 4096)
