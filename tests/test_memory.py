@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fused_lagrangian import LagrangianSGD
+from fused_lagrangian import memory
 from fused_lagrangian.memory import MIN_ADVISED_BYTES
 
 THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
@@ -34,9 +35,18 @@ def test_large_multipliers_and_dual_state_are_advised_for_huge_pages():
     optimizer = LagrangianSGD([torch.zeros(2, requires_grad=True)], lr=0.1)
     k = 2 * MIN_ADVISED_BYTES // 4
     block = optimizer.add_constraint("rows", kind="indexed", num_constraints=k, dual_rule="nupi", init=0.5)
-    small = optimizer.add_constraint("few", kind="indexed", num_constraints=1000)
     for tensor in (block.multipliers, block.dual_state):
         middle = tensor.data_ptr() + tensor.numel() * tensor.element_size() // 2
         assert "hg" in vm_flags_of(middle)
-    assert "hg" not in vm_flags_of(small.multipliers.data_ptr())
     assert torch.equal(block.multipliers, torch.full((k,), 0.5)) and not block.dual_state.any()
+
+
+def test_only_state_of_at_least_the_threshold_is_advised(monkeypatch):
+    advised = []
+    monkeypatch.setattr(memory, "advise_huge_pages", lambda tensor: advised.append(tensor.numel()))
+    optimizer = LagrangianSGD([torch.zeros(2, requires_grad=True)], lr=0.1)
+    k = MIN_ADVISED_BYTES // 4
+    optimizer.add_constraint("few", kind="indexed", num_constraints=k - 1, dual_rule="nupi")
+    assert advised == []
+    optimizer.add_constraint("many", kind="indexed", num_constraints=k, dual_rule="nupi")
+    assert advised == [k, k]
