@@ -114,24 +114,10 @@ at::Tensor fused_step_cuda(at::TensorList params, at::TensorList grads, at::Tens
   const std::lock_guard<std::mutex> lock(cache_mutex());
   DeviceCache& cache = cache_for(device);
   ensure_workspace(cache, h.table_capacity, device);
-  KernelArguments k;
-  k.table = upload(cache, h, device);
-  k.layout = h.layout;
-  k.num_tensors = static_cast<int32_t>(args.num_tensors());
-  k.num_blocks = static_cast<int32_t>(args.num_blocks());
-  k.primal_chunks = h.primal_chunks;
-  k.sample_chunks = h.sample_chunks;
-  k.adam = args.is_adam();
-  k.grad_scale = scalar_argument(grad_scale);
-  k.found_inf = scalar_argument(found_inf);
-  k.table_ids = reinterpret_cast<unsigned long long*>(cache.table_ids.data_ptr<int64_t>());
-  k.table_sums = cache.table_sums.data_ptr<float>();
-  k.table_counts = cache.table_counts.data_ptr<float>();
-  k.finished_blocks = reinterpret_cast<unsigned int*>(cache.finished_blocks.data_ptr<int32_t>());
-  k.stats = stats.data_ptr<float>();
-
-  // At least one thread block: the finishing block also writes the statistics of empty blocks.
-  const int64_t grid = std::max<int64_t>(1, h.primal_chunks + h.sample_chunks);
+  const KernelArguments k =
+      kernel_arguments(h, args, upload(cache, h, device), scalar_argument(grad_scale), scalar_argument(found_inf),
+                       cache.table_ids, cache.table_sums, cache.table_counts, cache.finished_blocks, stats);
+  const int64_t grid = h.num_thread_blocks();
   TORCH_CHECK(grid < (1ll << 31), "fused_step: too many chunks for one launch");
   fused_step_kernel<<<static_cast<unsigned int>(grid), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(k);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

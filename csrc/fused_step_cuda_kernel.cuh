@@ -8,6 +8,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -276,6 +277,9 @@ struct HostTable {
   std::vector<uint8_t> bytes;
   TableLayout layout;
   int64_t primal_chunks = 0, sample_chunks = 0, table_capacity = 0;
+
+  // At least one thread block: the finishing block also writes the statistics of empty blocks.
+  int64_t num_thread_blocks() const { return std::max<int64_t>(1, primal_chunks + sample_chunks); }
 };
 
 inline HostTable describe(const StepArguments& a) {
@@ -325,6 +329,32 @@ inline HostTable describe(const StepArguments& a) {
     h.table_capacity += b.table_capacity;
   }
   return h;
+}
+
+// Everything the kernel reads, for the step ``h`` describes: its descriptor table where the kernel can
+// read it, the optional scalars, the workspace (touched-id table, its sums and counts, the finishing
+// ticket) and the statistics to write.  The CUDA launcher and the CPU emulation of the tests share it.
+inline KernelArguments kernel_arguments(const HostTable& h, const StepArguments& a, const uint8_t* table,
+                                        ScalarArgument grad_scale, ScalarArgument found_inf,
+                                        const at::Tensor& table_ids, const at::Tensor& table_sums,
+                                        const at::Tensor& table_counts, const at::Tensor& finished_blocks,
+                                        const at::Tensor& stats) {
+  KernelArguments k;
+  k.table = table;
+  k.layout = h.layout;
+  k.num_tensors = static_cast<int32_t>(a.num_tensors());
+  k.num_blocks = static_cast<int32_t>(a.num_blocks());
+  k.primal_chunks = h.primal_chunks;
+  k.sample_chunks = h.sample_chunks;
+  k.adam = a.is_adam();
+  k.grad_scale = grad_scale;
+  k.found_inf = found_inf;
+  k.table_ids = reinterpret_cast<unsigned long long*>(table_ids.data_ptr<int64_t>());
+  k.table_sums = table_sums.data_ptr<float>();
+  k.table_counts = table_counts.data_ptr<float>();
+  k.finished_blocks = reinterpret_cast<unsigned int*>(finished_blocks.data_ptr<int32_t>());
+  k.stats = stats.data_ptr<float>();
+  return k;
 }
 
 }  // namespace cuda_kernel

@@ -138,22 +138,10 @@ at::Tensor emulated_fused_step(at::TensorList params, at::TensorList grads, at::
     workspace.finished_blocks = at::zeros({1}, at::kInt);
   }
   at::Tensor stats = at::empty({args.num_blocks(), kStatsColumns}, at::kFloat);
-  KernelArguments k;
-  k.table = h.bytes.data();
-  k.layout = h.layout;
-  k.num_tensors = static_cast<int32_t>(args.num_tensors());
-  k.num_blocks = static_cast<int32_t>(args.num_blocks());
-  k.primal_chunks = h.primal_chunks;
-  k.sample_chunks = h.sample_chunks;
-  k.adam = args.is_adam();
-  k.grad_scale = scalar_argument(grad_scale);
-  k.found_inf = scalar_argument(found_inf);
-  k.table_ids = reinterpret_cast<unsigned long long*>(workspace.ids.data_ptr<int64_t>());
-  k.table_sums = workspace.sums.data_ptr<float>();
-  k.table_counts = workspace.counts.data_ptr<float>();
-  k.finished_blocks = reinterpret_cast<unsigned int*>(workspace.finished_blocks.data_ptr<int32_t>());
-  k.stats = stats.data_ptr<float>();
-  launch(static_cast<unsigned int>(std::max<int64_t>(1, h.primal_chunks + h.sample_chunks)), k);
+  const KernelArguments k =
+      kernel_arguments(h, args, h.bytes.data(), scalar_argument(grad_scale), scalar_argument(found_inf),
+                       workspace.ids, workspace.sums, workspace.counts, workspace.finished_blocks, stats);
+  launch(static_cast<unsigned int>(h.num_thread_blocks()), k);
   return stats;
 }
 
