@@ -235,7 +235,7 @@ class ConstraintBlock:
         return ids
 
     def _all_finite(self, values: Tensor, dual_values: Optional[Tensor]) -> bool:
-        finite = _all_finite(values) and (dual_values is None or _all_finite(dual_values))
+        finite = _finite(values) and (dual_values is None or _finite(dual_values))
         if not finite and self.spec.nonfinite == "raise":
             raise ConstraintInputError(
                 f"constraint block {self.name!r} ({self.spec.kind}): values contain NaN or inf "
@@ -353,7 +353,7 @@ class ConstraintBlock:
         self.discard_pending()
 
 
-def _all_finite(values: Tensor) -> bool:
+def _finite(values: Tensor) -> bool:
     # One reduction instead of isfinite().all(): a float64 sum of finite floats cannot overflow, and
     # any NaN or inf makes it non-finite (inf - inf is NaN).  Float64 values could overflow it.
     if values.dtype == torch.float64:
