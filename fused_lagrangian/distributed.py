@@ -38,16 +38,13 @@ functions (which keep only torch's "state" and "param_groups") and add the block
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from .grouping import segments
-
-if TYPE_CHECKING:
-    from .optim import LagrangianOptimizer
 
 CONSTRAINTS_KEY = "constraints"
 
@@ -148,7 +145,7 @@ class DataParallelReduction:
 # torch.distributed.checkpoint
 
 
-def get_optimizer_state_dict(model: torch.nn.Module, optimizer: "LagrangianOptimizer", *, options=None) -> dict:
+def get_optimizer_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, options=None) -> dict:
     """torch.distributed.checkpoint.state_dict.get_optimizer_state_dict plus the blocks' state.
 
     The multipliers are replicated plain tensors, so ``dcp.save`` writes them once.
@@ -160,7 +157,7 @@ def get_optimizer_state_dict(model: torch.nn.Module, optimizer: "LagrangianOptim
     return state
 
 
-def set_optimizer_state_dict(model: torch.nn.Module, optimizer: "LagrangianOptimizer", optim_state_dict: dict,
+def set_optimizer_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer, optim_state_dict: dict,
                              *, options=None) -> None:
     """torch.distributed.checkpoint.state_dict.set_optimizer_state_dict plus the blocks' state."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict as torch_set

@@ -201,7 +201,11 @@ class Formulation:
             overall, dual_overall = self._overall_means(reduction, primal, dual)
         violations = self.signed(primal, entry_ids, samples, overall)
         recorded = (violations.detach() if dual is None else self.signed(dual, entry_ids, samples, dual_overall)).float()
-        code = nonfinite_error([recorded] if dual is None else [recorded, violations.detach()])
+        checked = [recorded] if dual is None else [recorded, violations.detach()]
+        if overall is not None and not local:
+            # The global mean is non-finite on every rank when one rank's values are: check before it.
+            checked = [self.signed(t.detach(), entry_ids, samples, None).float() for t in (primal, dual) if t is not None]
+        code = nonfinite_error(checked)
         if given_ids is not None:
             code = code + ids_error(given_ids, lowest_id, self.num_constraints)
 
