@@ -33,6 +33,15 @@ struct StepArguments {
   bool has_smoothed_error(int64_t block) const { return (dual_flags[block] & kNupi) && !(dual_flags[block] & kFrozen); }
 };
 
+// Hyperparameters travel as 1-D float64 CPU tensors (contract.py): a scheduler's tensor lr is stacked
+// into them without a host read, so a compiled step does not recompile when it changes.  Checked here.
+inline c10::ArrayRef<double> host_hparams(const at::Tensor& hparams, const char* what) {
+  TORCH_CHECK(hparams.device().is_cpu() && hparams.scalar_type() == at::kDouble && hparams.dim() == 1 &&
+                  hparams.is_contiguous(),
+              "fused_step: ", what, " must be a contiguous 1-D float64 CPU tensor");
+  return c10::ArrayRef<double>(hparams.const_data_ptr<double>(), hparams.numel());
+}
+
 // Throws (TORCH_CHECK) on any inconsistency: list lengths, dtypes, sizes, strides, devices.  Ids are
 // the kernels' business: the CPU kernel range-checks them, the CUDA kernel skips those out of range
 // (raising would need a host sync; the constraint blocks validate ids when they record them).

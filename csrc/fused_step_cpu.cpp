@@ -327,15 +327,28 @@ std::vector<WorkItem> chunk_tensors(at::TensorList params) {
 
 at::Tensor fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                           at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
-                          c10::ArrayRef<double> primal_hparams, c10::ArrayRef<int64_t> primal_flags,
+                          const at::Tensor& primal_hparams, c10::ArrayRef<int64_t> primal_flags,
                           int64_t algorithm, at::TensorList multipliers, at::TensorList dual_states,
-                          at::TensorList ids, at::TensorList violations, c10::ArrayRef<double> dual_hparams,
+                          at::TensorList ids, at::TensorList violations, const at::Tensor& dual_hparams,
                           c10::ArrayRef<int64_t> dual_flags, const std::optional<at::Tensor>& grad_scale,
                           const std::optional<at::Tensor>& found_inf) {
-  const StepArguments args{params,      grads,        exp_avgs,   exp_avg_sqs,  max_exp_avg_sqs,
-                           steps,       primal_hparams, primal_flags, algorithm, multipliers,
-                           dual_states, ids,          violations, dual_hparams, dual_flags,
-                           grad_scale,  found_inf};
+  const StepArguments args{params,
+                           grads,
+                           exp_avgs,
+                           exp_avg_sqs,
+                           max_exp_avg_sqs,
+                           steps,
+                           host_hparams(primal_hparams, "primal_hparams"),
+                           primal_flags,
+                           algorithm,
+                           multipliers,
+                           dual_states,
+                           ids,
+                           violations,
+                           host_hparams(dual_hparams, "dual_hparams"),
+                           dual_flags,
+                           grad_scale,
+                           found_inf};
   check_step_arguments(args, c10::Device(c10::kCPU));
   for (int64_t j = 0; j < args.num_blocks(); ++j) {
     if (ids[j].scalar_type() == at::kInt) {
@@ -361,7 +374,7 @@ at::Tensor fused_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
                     args.has_smoothed_error(j) ? dual_states[j].data_ptr<float>() : nullptr,
                     ids[j].const_data_ptr(), ids[j].scalar_type() == at::kInt,
                     violations[j].const_data_ptr<float>(), n, multipliers[j].numel(),
-                    dual_coefficients(dual_hparams.data() + j * kDualHparams, dual_flags[j]),
+                    dual_coefficients(args.dual_hparams.data() + j * kDualHparams, dual_flags[j]),
                     stats.data_ptr<float>() + j * kStatsColumns});
   }
   const std::vector<WorkItem> chunks = chunk_tensors(params);

@@ -11,8 +11,9 @@ Primal side, one entry per parameter tensor ``i`` (lists aligned with ``params``
     exp_avg_sqs[i]          Adam: second moment. SGD: the list is empty
     max_exp_avg_sqs[i]      Adam: running max of the second moment (numel 0 without amsgrad). SGD: empty
     steps[i]                Adam: 0-dim float32 step count, incremented by the call. SGD: empty
-    primal_hparams          flat, PRIMAL_HPARAMS floats per tensor: lr, beta1|momentum,
-                            beta2|dampening, eps, weight_decay
+    primal_hparams          1-D float64 CPU tensor, PRIMAL_HPARAMS values per tensor: lr, beta1|momentum,
+                            beta2|dampening, eps, weight_decay (a tensor, so that a scheduler's tensor
+                            lr reaches the kernel without a host read; ``hparams_tensor`` builds it)
     primal_flags            one int per tensor, a bitmask of the PrimalFlag bits
     algorithm               Algorithm.SGD or Algorithm.ADAM
 
@@ -22,7 +23,8 @@ Dual side, one entry per constraint block ``j`` with K_j constraints:
     dual_states[j]          (K_j,) fp32 nuPI smoothed error xi (numel 0 for plain ascent)
     ids[j]                  (B_j,) int64 constraint id of each pending sample, duplicates allowed
     violations[j]           (B_j,) fp32 per-sample violation e_i = s * (v_i - bound), already signed
-    dual_hparams            flat, DUAL_HPARAMS floats per block: lr, kp, ki, nu, damping, lower, upper
+    dual_hparams            1-D float64 CPU tensor, DUAL_HPARAMS values per block: lr, kp, ki, nu, damping,
+                            lower, upper
     dual_flags              one int per block, a bitmask of the DualFlag bits
 
 For each block, only the constraints k that occur in ids[j] ("touched") change:
@@ -49,6 +51,10 @@ max(g_k, 0) for inequality blocks (lower == 0) and |g_k| for equality blocks.
 from __future__ import annotations
 
 import enum
+from typing import Sequence, Union
+
+import torch
+from torch import Tensor
 
 PRIMAL_HPARAMS = 5
 DUAL_HPARAMS = 7
@@ -74,3 +80,19 @@ class DualFlag(enum.IntFlag):
     NUPI = 2
     RESTART = 4
     FROZEN = 8
+
+
+def hparams_tensor(values: Union[Tensor, Sequence[Union[float, Tensor]]]) -> Tensor:
+    """The float64 CPU tensor of hyperparameters ``fused_step`` takes, from floats and 0-dim tensors.
+
+    Tensor entries (a scheduler's lr, updated in place) are copied in by tensor ops, never read on the
+    host: traced by torch.compile, a new value is data, not a recompile.
+    """
+    if isinstance(values, Tensor):
+        return values
+    positions = [i for i, value in enumerate(values) if isinstance(value, Tensor)]
+    if not positions:
+        return torch.tensor(values, dtype=torch.float64)
+    table = torch.tensor([0.0 if isinstance(value, Tensor) else value for value in values], dtype=torch.float64)
+    entries = torch.stack([values[i].detach().reshape(()).to("cpu", torch.float64) for i in positions])
+    return table.index_put_((torch.tensor(positions),), entries)

@@ -22,14 +22,19 @@ from torch import Tensor
 
 from . import backends, distributed
 from .constraints import ConstraintBlock, ConstraintSpec
-from .contract import Algorithm, PrimalFlag
+from .contract import Algorithm, PrimalFlag, hparams_tensor
 from .formulation import LOCAL, BlockContext, Recording, Reduction
 from .validation import VALIDATION_MODES, is_deferred
 
 
 def _as_float(value) -> float:
-    # A tensor lr (updated in place by a scheduler) is read at every step, never cached.
     return float(value.item()) if isinstance(value, Tensor) else float(value)
+
+
+def _hparam(value):
+    """A hyperparameter for ``contract.hparams_tensor``: a tensor (a scheduler's lr, updated in place) stays a
+    tensor, read by the step through tensor ops at every step, never cached nor read on the host."""
+    return value if isinstance(value, Tensor) else float(value)
 
 
 class LagrangianOptimizer(torch.optim.Optimizer):
@@ -78,6 +83,7 @@ class LagrangianOptimizer(torch.optim.Optimizer):
         block = ConstraintBlock(self._block_context, spec,
                                 torch.device(device) if device is not None else self._default_device())
         self.constraints[name] = block
+        self._resolved(block.device)  # the backend's probes run here, outside any traced region
         return block
 
     def _default_device(self) -> torch.device:
@@ -162,9 +168,9 @@ class LagrangianOptimizer(torch.optim.Optimizer):
             flags.append(block.spec.dual_flags)
         device = primal[0][0].device if primal[0] else blocks[0].device
         stats = self._resolved(device)[1](
-            *primal, int(self.algorithm),
+            *primal[:6], hparams_tensor(primal[6]), primal[7], int(self.algorithm),
             [b.multipliers for b in blocks], [b.dual_state for b in blocks],
-            [ids for ids, _ in pending], [v for _, v in pending], hparams, flags,
+            [ids for ids, _ in pending], [v for _, v in pending], hparams_tensor(hparams), flags,
             grad_scale, found_inf,
         )
         for row, block in enumerate(blocks):
@@ -290,8 +296,8 @@ class LagrangianSGD(LagrangianOptimizer):
             flag |= PrimalFlag.MAXIMIZE
         if group["nesterov"]:
             flag |= PrimalFlag.NESTEROV
-        hparams = [_as_float(group["lr"]), float(group["momentum"]), float(group["dampening"]), 0.0,
-                   _as_float(group["weight_decay"])]
+        hparams = [_hparam(group["lr"]), float(group["momentum"]), float(group["dampening"]), 0.0,
+                   _hparam(group["weight_decay"])]
         return hparams, int(flag)
 
     def _append_state(self, lists, p, group, state):
@@ -348,7 +354,7 @@ class LagrangianAdam(LagrangianOptimizer):
         if group["decoupled_weight_decay"]:
             flag |= PrimalFlag.DECOUPLED_WEIGHT_DECAY
         beta1, beta2 = group["betas"]
-        hparams = [_as_float(group["lr"]), _as_float(beta1), _as_float(beta2), float(group["eps"]),
+        hparams = [_hparam(group["lr"]), _hparam(beta1), _hparam(beta2), float(group["eps"]),
                    float(group["weight_decay"])]
         return hparams, int(flag)
 

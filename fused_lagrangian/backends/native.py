@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from ..contract import hparams_tensor
 from .registry import Backend, register
 
 JIT_ENV = "FUSED_LAGRANGIAN_JIT"
@@ -30,15 +31,16 @@ class _Library:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._attempted = False
+        self._decided = False  # set last, once origin and error are final
         self.origin: Optional[str] = None
         self.error: Optional[str] = None
 
     def load(self) -> Optional[str]:
         """None once the operator is registered, else the reason it is not."""
+        if self._decided:  # lock-free once decided: no lock for torch.compile to trace in the hot path
+            return self.error
         with self._lock:
-            if not self._attempted:
-                self._attempted = True
+            if not self._decided:
                 try:
                     self.origin = _load_built() or _load_jit()
                     if self.origin is not None:
@@ -49,6 +51,7 @@ class _Library:
                 if self.origin is None and self.error is None:
                     self.error = ("not built: install with `pip install --no-build-isolation -e .` (needs a C++ "
                                   f"compiler), or set {JIT_ENV}=1 to compile it from csrc/ on first use")
+                self._decided = True
         return self.error
 
 
@@ -143,8 +146,9 @@ def fused_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, pri
     if not params and not multipliers:
         return torch.zeros(0, 3, dtype=torch.float32)  # no tensor to dispatch on, nothing to do
     return torch.ops.fused_lagrangian.fused_step(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, primal_hparams, primal_flags, int(algorithm),
-        multipliers, dual_states, ids, violations, dual_hparams, dual_flags, grad_scale, found_inf)
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hparams_tensor(primal_hparams), primal_flags,
+        int(algorithm), multipliers, dual_states, ids, violations, hparams_tensor(dual_hparams), dual_flags, grad_scale,
+        found_inf)
 
 
 def _load_fused_step():
