@@ -37,6 +37,17 @@ def _hparam(value):
     return value if isinstance(value, Tensor) else float(value)
 
 
+class _InputErrors:
+    """Deferred checks: the sum of the error codes of the calls recorded since the last step (on the device).
+
+    A plain object rather than an optimizer attribute: torch.compile replays attribute writes made in a
+    traced block call on it (it drops them on a torch.optim.Optimizer).
+    """
+
+    def __init__(self) -> None:
+        self.code: Optional[Tensor] = None
+
+
 class LagrangianOptimizer(torch.optim.Optimizer):
     """Base class: constraint blocks, the fused step, state_dict with multipliers, report().
 
@@ -62,8 +73,7 @@ class LagrangianOptimizer(torch.optim.Optimizer):
         self.process_group = process_group
         self.constraints: dict[str, ConstraintBlock] = {}
         self._implementations: dict[tuple[str, str], tuple[str, Callable]] = {}
-        # Deferred checks: the sum of the error codes of the calls recorded since the last step (device).
-        self._input_errors: Optional[Tensor] = None
+        self._input_errors = _InputErrors()
         self._block_context = BlockContext(reduction=self._reduction, deferred_checks=self._deferred_checks,
                                            uses_triton=self._uses_triton, recorded=self._recorded)
         # GradScaler hands us grad_scale / found_inf instead of unscaling the gradients itself.
@@ -98,12 +108,13 @@ class LagrangianOptimizer(torch.optim.Optimizer):
         return is_deferred(self.validation, device)
 
     def _uses_triton(self, device: torch.device) -> bool:
-        return self._resolved(device)[0] == "triton"
+        # On the CPU Triton only runs interpreted (tests of the step kernel): the term stays plain torch there.
+        return device.type == "cuda" and self._resolved(device)[0] == "triton"
 
     def _recorded(self, block: ConstraintBlock, recording: Recording) -> None:
         if recording.error is not None:
             errors = self._input_errors
-            self._input_errors = recording.error if errors is None else errors + recording.error
+            errors.code = recording.error if errors.code is None else errors.code + recording.error
         if block.spec.ordering == "dual_first":
             self._dual_step([block])
 
@@ -117,7 +128,7 @@ class LagrangianOptimizer(torch.optim.Optimizer):
 
     def raise_input_errors(self) -> None:
         """Reads the deferred input checks of every block (one host sync); raises for the first bad call."""
-        self._input_errors = None
+        self._input_errors.code = None
         for block in self.constraints.values():
             block.raise_input_errors()
 
@@ -138,7 +149,7 @@ class LagrangianOptimizer(torch.optim.Optimizer):
 
     def _take_input_errors(self) -> Optional[Tensor]:
         """This step's deferred error code; on the CPU outside torch.compile it is read and raised here."""
-        errors, self._input_errors = self._input_errors, None
+        errors, self._input_errors.code = self._input_errors.code, None
         if errors is not None and errors.device.type == "cpu" and not torch.compiler.is_compiling() and int(errors):
             for block in self.constraints.values():
                 block.discard_pending()
@@ -148,7 +159,7 @@ class LagrangianOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def _dual_step(self, blocks: list[ConstraintBlock]) -> None:
         """The dual update alone (dual-first ordering): the same call with no parameter tensors."""
-        self._run(([], [], [], [], [], [], [], []), blocks, None, None, self._input_errors)
+        self._run(([], [], [], [], [], [], [], []), blocks, None, None, self._input_errors.code)
 
     def _run(self, primal: tuple, blocks: list[ConstraintBlock], grad_scale, found_inf,
              input_errors: Optional[Tensor]) -> None:
