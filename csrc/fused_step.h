@@ -27,7 +27,7 @@ struct StepArguments {
   bool is_adam() const { return algorithm == kAdam; }
   // The optional state a tensor (block) has, given its flags and hyperparameters.
   bool has_momentum_buffer(int64_t tensor) const {
-    return !is_adam() && primal_hparams[tensor * kPrimalHparams + 1] != 0.0;
+    return !is_adam() && primal_hparams[tensor * kPrimalHparams + primal_slot::kBeta1] != 0.0;  // momentum
   }
   bool has_max_exp_avg_sq(int64_t tensor) const { return is_adam() && (primal_flags[tensor] & kAmsgrad); }
   bool has_smoothed_error(int64_t block) const { return (dual_flags[block] & kNupi) && !(dual_flags[block] & kFrozen); }

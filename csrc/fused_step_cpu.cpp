@@ -301,12 +301,12 @@ std::vector<PrimalEntry> primal_entries(const StepArguments& a) {
       // The step count advances first: bias corrections use the new value, as torch.optim does.
       float* step = a.steps[i].data_ptr<float>();
       *step += 1.0f;
-      const bool decay = hp[4] != 0.0;
+      const bool decay = hp[primal_slot::kWeightDecay] != 0.0;
       e.adam_options = {a.has_max_exp_avg_sq(i), decay && !(flags & kDecoupledWeightDecay),
                         decay && (flags & kDecoupledWeightDecay)};
       e.adam = adam_coefficients(hp, maximize, static_cast<double>(*step));
     } else {
-      e.sgd_options = {hp[4] != 0.0, a.has_momentum_buffer(i), bool(flags & kFirstMomentumStep),
+      e.sgd_options = {hp[primal_slot::kWeightDecay] != 0.0, a.has_momentum_buffer(i), bool(flags & kFirstMomentumStep),
                        bool(flags & kNesterov)};
       e.sgd = sgd_coefficients(hp, maximize);
     }

@@ -51,14 +51,60 @@ max(g_k, 0) for inequality blocks (lower == 0) and |g_k| for equality blocks.
 from __future__ import annotations
 
 import enum
-from typing import Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-PRIMAL_HPARAMS = 5
-DUAL_HPARAMS = 7
+
+class PrimalSlot(enum.IntEnum):
+    """Where each primal hyperparameter sits in a tensor's PRIMAL_HPARAMS values."""
+
+    LR = 0
+    BETA1 = 1  # SGD: momentum
+    BETA2 = 2  # SGD: dampening
+    EPS = 3  # SGD: unused
+    WEIGHT_DECAY = 4
+
+
+class DualSlot(enum.IntEnum):
+    """Where each dual hyperparameter sits in a block's DUAL_HPARAMS values."""
+
+    LR = 0
+    KP = 1
+    KI = 2
+    NU = 3
+    DAMPING = 4
+    LOWER = 5
+    UPPER = 6
+
+
+PRIMAL_HPARAMS = len(PrimalSlot)
+DUAL_HPARAMS = len(DualSlot)
 STATS_COLUMNS = 3
+
+
+class FusedStepArguments(NamedTuple):
+    """The argument layout of ``fused_step``, in order: every backend's signature and the operator schema
+    (csrc/fused_step.cpp) spell exactly these names (tests/test_contract.py checks it)."""
+
+    params: list[Tensor]
+    grads: list[Tensor]
+    exp_avgs: list[Tensor]
+    exp_avg_sqs: list[Tensor]
+    max_exp_avg_sqs: list[Tensor]
+    steps: list[Tensor]
+    primal_hparams: Tensor
+    primal_flags: list[int]
+    algorithm: int
+    multipliers: list[Tensor]
+    dual_states: list[Tensor]
+    ids: list[Tensor]
+    violations: list[Tensor]
+    dual_hparams: Tensor
+    dual_flags: list[int]
+    grad_scale: Optional[Tensor] = None
+    found_inf: Optional[Tensor] = None
 
 
 class Algorithm(enum.IntEnum):

@@ -35,8 +35,8 @@ from torch import Tensor
 
 from .grouping import segments
 from .ops import lagrangian_term
-from .validation import (ERROR_IDS_OUT_OF_RANGE, ERROR_NONFINITE, ConstraintInputError, fail, ids_error,
-                         nonfinite_error, nonfinite_message, raise_for_code)
+from .validation import (ERROR_IDS_OUT_OF_RANGE, ERROR_NONFINITE, ConstraintInputError, fail, host_verdict,
+                         ids_error, nonfinite_error, nonfinite_message, raise_for_code)
 
 SENSE_SIGNS = {"<=": 1.0, ">=": -1.0, "==": 1.0}
 
@@ -69,7 +69,7 @@ class LocalReduction:
         return tensor
 
     def group_totals(self, ids, num_constraints, dtype, values=None):
-        groups = segments(ids, num_constraints, dtype)
+        groups = segments(ids, num_constraints, dtype, with_ids=False)
         return groups.per_entry(groups.counts), None if values is None else groups.per_entry(groups.sums(values))
 
     def agree(self, status: Tensor) -> Tensor:
@@ -193,7 +193,7 @@ class Formulation:
                 entry_ids = entry_ids.clamp(lowest_id, self.num_constraints - 1)
             if multiple:
                 entry_ids, samples = self.memberships(entry_ids)
-        compute_dtype = torch.promote_types(values.dtype, torch.float32)
+        compute_dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
         primal = values.to(compute_dtype)
         dual = None if dual_values is None else dual_values.detach().to(compute_dtype)
         overall = dual_overall = None
@@ -205,21 +205,21 @@ class Formulation:
         if overall is not None and not local:
             # The global mean is non-finite on every rank when one rank's values are: check before it.
             checked = [self.signed(t.detach(), entry_ids, samples, None).float() for t in (primal, dual) if t is not None]
-        code = nonfinite_error(checked)
-        if given_ids is not None:
-            code = code + ids_error(given_ids, lowest_id, self.num_constraints)
-
-        if not local:
-            if self._agree(reduction, code=code):
-                return None
+        if local and not deferred:
             code = None
-        elif not deferred:
-            read = int(code)
-            code = None
-            if read:
-                if read & ERROR_NONFINITE and not read & ERROR_IDS_OUT_OF_RANGE and self.skip_nonfinite:
+            verdict = host_verdict(checked, given_ids, lowest_id, self.num_constraints)
+            if verdict:
+                if verdict == ERROR_NONFINITE and self.skip_nonfinite:
                     return None
-                raise_for_code(self.name, self.kind, read, self.num_constraints, given_ids)
+                raise_for_code(self.name, self.kind, verdict, self.num_constraints, given_ids)
+        else:
+            code = nonfinite_error(checked)
+            if given_ids is not None:
+                code = code + ids_error(given_ids, lowest_id, self.num_constraints)
+            if not local:
+                if self._agree(reduction, code=code):
+                    return None
+                code = None
         # Recorded ids must not alias the caller's buffer: reusing it before step() must not redirect the update.
         owned_ids = entry_ids.clone() if entry_ids is ids else entry_ids
         return Measured(Recording(owned_ids, recorded, code), primal, violations, entry_ids)
@@ -286,7 +286,8 @@ class Formulation:
                 term = lagrangian_term(violations, ids, multipliers, use_triton=uses_triton)
                 return term if world == 1 else world * term
             counts, _ = reduction.group_totals(ids, self.num_constraints, violations.dtype)
-            term = lagrangian_term(violations, ids, multipliers, world / counts, use_triton=uses_triton)
+            weights = counts.reciprocal() if world == 1 else world / counts
+            term = lagrangian_term(violations, ids, multipliers, weights, use_triton=uses_triton)
             if self.to_overall and not reduction.is_local:
                 slopes = multipliers.detach()[ids].to(counts.dtype)
                 term = term + self._overall_mean_gradient(reduction, primal, (slopes / counts).sum())

@@ -13,6 +13,7 @@ without graph breaks and nothing reads back to the host.
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -21,7 +22,7 @@ from torch import Tensor
 @dataclasses.dataclass
 class Segments:
     of_entry: Tensor  # (P,) slot of each entry
-    ids: Tensor  # (S,) constraint id of each slot (meaningful where counts > 0)
+    ids: Optional[Tensor]  # (S,) constraint id of each slot (meaningful where counts > 0)
     counts: Tensor  # (S,) entries per slot, in the dtype the caller asked for
 
     def sums(self, values: Tensor) -> Tensor:
@@ -34,13 +35,17 @@ class Segments:
         return per_slot[self.of_entry]
 
 
-def segments(ids: Tensor, num_constraints: int, count_dtype: torch.dtype = torch.float32) -> Segments:
-    """Groups ``ids`` (1-D, values in [0, num_constraints)) into segments of equal id."""
+def segments(ids: Tensor, num_constraints: int, count_dtype: torch.dtype = torch.float32,
+             with_ids: bool = True) -> Segments:
+    """Groups ``ids`` (1-D, values in [0, num_constraints)) into segments of equal id.
+
+    ``with_ids=False``: the caller needs counts and sums only (``Segments.ids`` may then be None).
+    """
     num_entries = ids.numel()
     ones = torch.ones(num_entries, dtype=count_dtype, device=ids.device)
     if num_constraints <= num_entries:
         counts = torch.zeros(num_constraints, dtype=count_dtype, device=ids.device).index_add_(0, ids, ones)
-        return Segments(ids, torch.arange(num_constraints, device=ids.device), counts)
+        return Segments(ids, torch.arange(num_constraints, device=ids.device) if with_ids else None, counts)
     sorted_ids, order = torch.sort(ids)
     starts = torch.ones(num_entries, dtype=torch.bool, device=ids.device)
     starts[1:] = sorted_ids[1:] != sorted_ids[:-1]

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from . import backends, distributed
 from .constraints import ConstraintBlock, ConstraintSpec
-from .contract import Algorithm, PrimalFlag, hparams_tensor
+from .contract import Algorithm, FusedStepArguments, PrimalFlag, hparams_tensor
 from .formulation import LOCAL, BlockContext, Recording, Reduction
 from .validation import VALIDATION_MODES, is_deferred
 
@@ -178,12 +178,15 @@ class LagrangianOptimizer(torch.optim.Optimizer):
             hparams += block.spec.dual_hparams
             flags.append(block.spec.dual_flags)
         device = primal[0][0].device if primal[0] else blocks[0].device
-        stats = self._resolved(device)[1](
-            *primal[:6], hparams_tensor(primal[6]), primal[7], int(self.algorithm),
-            [b.multipliers for b in blocks], [b.dual_state for b in blocks],
-            [ids for ids, _ in pending], [v for _, v in pending], hparams_tensor(hparams), flags,
-            grad_scale, found_inf,
-        )
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, primal_hparams, primal_flags = primal
+        arguments = FusedStepArguments(
+            params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, max_exp_avg_sqs=max_exp_avg_sqs,
+            steps=steps, primal_hparams=hparams_tensor(primal_hparams), primal_flags=primal_flags,
+            algorithm=int(self.algorithm), multipliers=[b.multipliers for b in blocks],
+            dual_states=[b.dual_state for b in blocks], ids=[ids for ids, _ in pending],
+            violations=[v for _, v in pending], dual_hparams=hparams_tensor(hparams), dual_flags=flags,
+            grad_scale=grad_scale, found_inf=found_inf)
+        stats = self._resolved(device)[1](*arguments)
         for row, block in enumerate(blocks):
             block.last_stats = (stats, row)
 

@@ -25,6 +25,7 @@ which are computed in fp32 or wider (an fp16 value with a bound outside fp16's r
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -75,6 +76,18 @@ def ids_error(ids: Tensor, lowest_id: int, num_constraints: int) -> Tensor:
         return torch.zeros((), dtype=torch.int32, device=ids.device)
     lowest, highest = torch.aminmax(ids)
     return ((lowest < lowest_id) | (highest >= num_constraints)).to(torch.int32) * ERROR_IDS_OUT_OF_RANGE
+
+
+def host_verdict(checked: list[Tensor], ids: Optional[Tensor], lowest_id: int, num_constraints: int) -> int:
+    """The ERROR_* bits read on the host at once (eager mode): cheaper on the CPU than building a code tensor."""
+    if ids is not None and ids.numel():
+        lowest, highest = torch.aminmax(ids)
+        if int(lowest) < lowest_id or int(highest) >= num_constraints:
+            return ERROR_IDS_OUT_OF_RANGE
+    for tensor in checked:
+        if not math.isfinite(float(tensor.sum(dtype=torch.float64))):
+            return ERROR_NONFINITE
+    return 0
 
 
 def raise_for_code(name: str, kind: str, code: int, num_constraints: int, ids: Optional[Tensor] = None) -> None:
