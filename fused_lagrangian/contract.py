@@ -128,6 +128,9 @@ class DualFlag(enum.IntFlag):
     FROZEN = 8
 
 
+_FLOAT_TABLES: dict[tuple, Tensor] = {}
+
+
 def hparams_tensor(values: Union[Tensor, Sequence[Union[float, Tensor]]]) -> Tensor:
     """The float64 CPU tensor of hyperparameters ``fused_step`` takes, from floats and 0-dim tensors.
 
@@ -138,7 +141,16 @@ def hparams_tensor(values: Union[Tensor, Sequence[Union[float, Tensor]]]) -> Ten
         return values
     positions = [i for i, value in enumerate(values) if isinstance(value, Tensor)]
     if not positions:
-        return torch.tensor(values, dtype=torch.float64)
+        if torch.compiler.is_compiling():
+            return torch.tensor(values, dtype=torch.float64)
+        # Eager steps pass the same floats step after step: reuse their tensor (kernels only read it).
+        key = tuple(values)
+        table = _FLOAT_TABLES.get(key)
+        if table is None:
+            if len(_FLOAT_TABLES) >= 64:
+                _FLOAT_TABLES.clear()
+            table = _FLOAT_TABLES[key] = torch.tensor(values, dtype=torch.float64)
+        return table
     table = torch.tensor([0.0 if isinstance(value, Tensor) else value for value in values], dtype=torch.float64)
     entries = torch.stack([values[i].detach().reshape(()).to("cpu", torch.float64) for i in positions])
     return table.index_put_((torch.tensor(positions),), entries)
