@@ -232,3 +232,16 @@ def test_multi_membership_ids_out_of_range_raise(backend):
         block(torch.ones(2), ids=torch.tensor([[0, -2], [1, -1]]))
     with pytest.raises(ConstraintInputError, match="'groups'.*out of range"):
         block(torch.ones(2), ids=torch.tensor([[0, 3], [1, -1]]))
+
+
+def test_deferred_error_in_a_dual_first_call_skips_its_update_and_the_step(backend):
+    optimizer, param = _optimizer(backend)
+    optimizer.validation = "deferred"
+    first = optimizer.add_constraint("first", kind="indexed", num_constraints=4, dual_lr=1.0, ordering="dual_first")
+    before = _snapshot(optimizer, param)
+    term = first(torch.tensor([1.0, math.inf]), ids=torch.tensor([0, 1]))  # its dual update runs here, skipped
+    assert all(torch.equal(a, b) for a, b in zip(_snapshot(optimizer, param), before))
+    (param.sum() + term).backward()
+    with pytest.raises(ConstraintInputError, match="'first'.*NaN or inf"):
+        optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(_snapshot(optimizer, param), before))
