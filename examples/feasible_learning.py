@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fused_lagrangian import LagrangianAdam
-from fused_lagrangian.data import load_adult
+from fused_lagrangian_apps.datasets import load_adult
 from fused_lagrangian.fairness import per_sample_loss_bound
 
 

@@ -13,10 +13,10 @@ import math
 import pytest
 import torch
 
-from fused_lagrangian.benchmarks import fused_backends, run_cases
-from fused_lagrangian.benchmarks.problems import BlockConfig, FlatProblem, StepProblem, TrainingProblem
-from fused_lagrangian.benchmarks.sweeps import Case
-from fused_lagrangian.benchmarks.timing import time_interleaved
+from bench import fused_backends, run_cases
+from bench.problems import BlockConfig, FlatProblem, StepProblem, TrainingProblem
+from bench.sweeps import Case
+from bench.timing import time_interleaved
 
 pytest.importorskip("cooper")
 

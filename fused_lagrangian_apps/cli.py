@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional
 
@@ -29,20 +30,29 @@ def _info(_: argparse.Namespace) -> int:
 
 
 def _examples(args: argparse.Namespace) -> int:
-    from fused_lagrangian.examples import print_examples_table
+    from fused_lagrangian_apps.paper_examples import print_examples_table
 
     print_examples_table(backend=args.backend)
     return 0
 
 
 def _demo(argv: list[str]) -> int:
-    from fused_lagrangian.demo import main as demo_main
+    from fused_lagrangian_apps.demo import main as demo_main
 
     return demo_main(argv)
 
 
 def _bench(argv: list[str]) -> int:
-    from fused_lagrangian.benchmarks import main as bench_main
+    # The benchmark suite is the source checkout's top-level bench/ package, not part of the install.
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isfile(os.path.join(checkout, "bench", "__init__.py")):
+        print("fused-lagrangian bench runs the benchmark suite of a source checkout (bench/); this install "
+              "has none: clone the repository and run `python -m bench` or `fused-lagrangian bench` there",
+              file=sys.stderr)
+        return 2
+    if checkout not in sys.path:
+        sys.path.insert(0, checkout)
+    from bench import main as bench_main
 
     return bench_main(argv)
 

@@ -1,4 +1,4 @@
-"""The position paper's two examples (DESIGN.md §7): where a fixed penalty fails and a constraint does not.
+"""The position paper's two examples (Ramirez et al., arXiv 2505.20628, appendix and code): where a fixed penalty fails and a constraint does not.
 
 Both run through the package's real optimizer step, so they double as end-to-end oracles for the tests
 and as the ``fused-lagrangian examples`` table.
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .optim import LagrangianSGD
+from fused_lagrangian import LagrangianSGD
 
 CONCAVE_EPSILONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 # Both sides of the switching coefficient tan(0.5) ≈ 0.55 of the starting point x = 0.5.
