@@ -7,10 +7,10 @@ torch.optim takes more than that.  ``normalising(backend_step)`` returns a ``fus
 contract.py's signature that turns any call torch.optim would accept into calls the backend can run,
 with torch.optim's result:
 
-* complex tensors: their real views, as torch.optim's Adam does (``view_as_real``; for SGD the real
-  view gives the same numbers as complex arithmetic by a real scalar);
-* float64 (and any other dtype the kernels do not take): the reference backend's update, which keeps
-  the tensor's own precision (the kernels compute in fp32); bitwise torch.optim's single-tensor path;
+* float64 and complex tensors (any dtype the kernels do not take): the reference backend's update, which
+  keeps the tensor's own precision (the kernels compute in fp32) and does what torch.optim's
+  single-tensor path does, operation for operation (complex: SGD in complex arithmetic, Adam's moments
+  on ``view_as_real`` views): bitwise torch.optim;
 * strides that differ only in size-1 dimensions (autograd makes such gradients): a view of the same
   memory with the parameter's strides, no copy;
 * any other layout (a gradient assigned by hand, state made contiguous while the model went
@@ -25,6 +25,7 @@ The common case (every tensor already fits) costs one pass over the tensor list 
 
 from __future__ import annotations
 
+import operator
 from typing import Callable, Optional
 
 import torch
@@ -34,6 +35,7 @@ from .backends import reference
 from .contract import PRIMAL_HPARAMS, STATS_COLUMNS, Algorithm
 
 KERNEL_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
+_DTYPE = operator.attrgetter("dtype")
 
 # The eight primal lists of contract.py, in order.
 _PRIMAL_LISTS = 8
@@ -65,7 +67,7 @@ def normalising(backend_step: Callable) -> Callable:
             if round_number == 0:
                 stats = round_stats
         if plan.exact:
-            reference.fused_step(*_select(primal, algorithm, plan.exact, _real_view), algorithm,
+            reference.fused_step(*_select(primal, algorithm, plan.exact), algorithm,
                                  [], [], [], [], [], [], grad_scale, found_inf)
         if stats is None:
             device = multipliers[0].device if multipliers else torch.device("cpu")
@@ -84,29 +86,20 @@ class _Plan:
         self.exact: list[int] = []
 
 
-def _state_of(primal: tuple, algorithm: int, i: int) -> list[Tensor]:
-    """The state tensors of parameter i that the call updates (numel 0: absent)."""
-    if algorithm == Algorithm.ADAM:
-        return [primal[2][i], primal[3][i], primal[4][i]]
-    return [primal[2][i]]
+def _state_lists(primal: tuple, algorithm: int) -> tuple:
+    """The lists of state tensors the call updates (entries of numel 0: absent)."""
+    return primal[2:5] if algorithm == Algorithm.ADAM else primal[2:3]
 
 
 def _plan(primal: tuple, algorithm: int) -> Optional[_Plan]:
     """None when every tensor fits the kernels as it is (the common case), else where each one goes."""
-    params, grads = primal[0], primal[1]
-    occurrences: dict[int, int] = {}
-    needs_work = False
-    for i, param in enumerate(params):
-        repeat = occurrences.get(id(param), 0)
-        occurrences[id(param)] = repeat + 1
-        if repeat or not _fits_kernel(param, grads[i], _state_of(primal, algorithm, i)):
-            needs_work = True
-    if not needs_work:
+    params = primal[0]
+    if _fit_as_they_are(primal, algorithm):
         return None
     plan = _Plan()
-    occurrences.clear()
+    occurrences: dict[int, int] = {}
     for i, param in enumerate(params):
-        if _real_dtype(param) not in KERNEL_DTYPES:
+        if param.dtype not in KERNEL_DTYPES:
             plan.exact.append(i)  # the reference loops over tensors one after another: repeats are in order
             continue
         repeat = occurrences.get(id(param), 0)
@@ -117,11 +110,26 @@ def _plan(primal: tuple, algorithm: int) -> Optional[_Plan]:
     return plan
 
 
-def _fits_kernel(param: Tensor, grad: Tensor, state: list[Tensor]) -> bool:
-    if param.dtype not in KERNEL_DTYPES or not is_dense(param):
+def _fit_as_they_are(primal: tuple, algorithm: int) -> bool:
+    """Kernel dtypes, dense parameters, gradients and state in their parameter's strides, no repeats.
+
+    Whole-list checks with ``map`` over tensor methods: this runs at every step, and a Python loop with
+    several attribute reads per tensor costs about twice as much.
+    """
+    params, grads = primal[0], primal[1]
+    if not all(map(KERNEL_DTYPES.__contains__, map(_DTYPE, params))):
         return False
-    stride = param.stride()
-    return grad.stride() == stride and all(t.stride() == stride for t in state if t.numel())
+    if not all(map(Tensor.is_contiguous, params)) and not all(map(is_dense, params)):
+        return False
+    strides = list(map(Tensor.stride, params))
+    if list(map(Tensor.stride, grads)) != strides:
+        return False
+    for states in _state_lists(primal, algorithm):
+        state_strides = list(map(Tensor.stride, states))
+        if state_strides != strides and any(
+                got != wanted and state.numel() for got, wanted, state in zip(state_strides, strides, states)):
+            return False
+    return len(set(map(id, params))) == len(params)
 
 
 def is_dense(tensor: Tensor) -> bool:
@@ -136,25 +144,17 @@ def is_dense(tensor: Tensor) -> bool:
     return True
 
 
-def _real_dtype(tensor: Tensor) -> torch.dtype:
-    return tensor.real.dtype if tensor.is_complex() else tensor.dtype
-
-
-def _real_view(tensor: Tensor) -> Tensor:
-    return torch.view_as_real(tensor) if tensor.is_complex() else tensor
-
-
-def _select(primal: tuple, algorithm: int, indices: list[int], convert: Callable[[Tensor], Tensor]) -> tuple:
-    """The primal lists restricted to ``indices``, each tensor passed through ``convert``."""
+def _select(primal: tuple, algorithm: int, indices: list[int]) -> tuple:
+    """The primal lists restricted to ``indices``."""
     lists: tuple[list, ...] = tuple([] for _ in range(_PRIMAL_LISTS))
     is_adam = algorithm == Algorithm.ADAM
     for i in indices:
-        lists[0].append(convert(primal[0][i]))
-        lists[1].append(convert(primal[1][i]))
-        lists[2].append(convert(primal[2][i]))
+        lists[0].append(primal[0][i])
+        lists[1].append(primal[1][i])
+        lists[2].append(primal[2][i])
         if is_adam:
-            lists[3].append(convert(primal[3][i]))
-            lists[4].append(convert(primal[4][i]))
+            lists[3].append(primal[3][i])
+            lists[4].append(primal[4][i])
             lists[5].append(primal[5][i])
         lists[6].extend(primal[6][i * PRIMAL_HPARAMS:(i + 1) * PRIMAL_HPARAMS])
         lists[7].append(primal[7][i])
@@ -166,7 +166,7 @@ def _kernel_inputs(primal: tuple, algorithm: int, indices: list[int]) -> tuple[t
 
     Returns the lists and the (original, copy) pairs to write back after the call.
     """
-    lists = _select(primal, algorithm, indices, _real_view)
+    lists = _select(primal, algorithm, indices)
     write_back: list[tuple[Tensor, Tensor]] = []
     is_adam = algorithm == Algorithm.ADAM
     for slot in range(len(indices)):

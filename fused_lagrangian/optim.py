@@ -148,12 +148,12 @@ class LagrangianOptimizer(torch.optim.Optimizer):
     def _run(self, primal: tuple, blocks: list[ConstraintBlock], grad_scale, found_inf) -> None:
         # On an AMP overflow (found_inf) the backend skips primal and dual alike, device-side; the
         # pending violations belong to that skipped iteration and are dropped with it.
-        pending = local_pending = [block.take_pending() for block in blocks]
+        pending = [block.take_pending() for block in blocks]
         try:
             self._run_taken(primal, blocks, pending, grad_scale, found_inf)
-        except BaseException:
+        except Exception:
             # Nothing was updated (backends check before they write): the samples wait for the next step.
-            for block, (ids, violations) in zip(blocks, local_pending):
+            for block, (ids, violations) in zip(blocks, pending):
                 block.restore_pending(ids, violations)
             raise
 

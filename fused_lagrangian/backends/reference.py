@@ -56,10 +56,13 @@ def fused_step(
     return stats
 
 
+_OWN_PRECISION = (torch.float64, torch.complex64, torch.complex128)
+
+
 def _in_math_dtype(update, param: Tensor, grad: Tensor, *state: Tensor, **kwargs) -> None:
-    """Runs ``update`` in fp32 (float64 tensors: in float64, as torch.optim): in place when the tensors
-    have that dtype, else on copies written back."""
-    math_dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
+    """Runs ``update`` in fp32 for fp32/bf16/fp16 (as torch's fused kernels), in the tensor's own dtype for
+    float64 and complex ones (as torch.optim): in place when the tensors have that dtype, else on copies."""
+    math_dtype = param.dtype if param.dtype in _OWN_PRECISION else torch.float32
     tensors = (param, grad, *state)
     if all(t.dtype == math_dtype or t.numel() == 0 for t in tensors):
         update(*tensors, **kwargs)
@@ -80,6 +83,9 @@ def _adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, step, hp, flags) 
             param.mul_(1 - lr * weight_decay)
         else:
             grad = grad.add(param, alpha=weight_decay)
+    if param.is_complex():  # torch.optim.Adam: weight decay in complex arithmetic, the rest on real views
+        param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq = map(
+            torch.view_as_real, (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq))
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     step_value = step.item()
