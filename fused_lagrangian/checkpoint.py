@@ -28,6 +28,8 @@ def save_atomic(obj: Any, path: PathLike, **save_options) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     descriptor, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     try:
+        # mkstemp makes the file private (0600); give it what torch.save would have left.
+        os.chmod(temporary, _mode_for(path))
         with os.fdopen(descriptor, "wb") as file:
             torch.save(obj, file, **save_options)
             file.flush()
@@ -40,6 +42,16 @@ def save_atomic(obj: Any, path: PathLike, **save_options) -> None:
             pass
         raise
     _fsync_directory(directory)
+
+
+def _mode_for(path: str) -> int:
+    """The replaced file's permissions, or those a new file gets under the process's umask."""
+    try:
+        return os.stat(path).st_mode & 0o777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def _fsync_directory(directory: str) -> None:

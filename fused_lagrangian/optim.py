@@ -152,10 +152,16 @@ class LagrangianOptimizer(torch.optim.Optimizer):
         try:
             self._run_taken(primal, blocks, pending, grad_scale, found_inf)
         except Exception:
-            # Nothing was updated (backends check before they write): the samples wait for the next step.
+            # Nothing was updated (backends check before they write): the samples wait for the next step,
+            # and state created for this step goes, as if it never began.
             for block, (ids, violations) in zip(blocks, pending):
                 block.restore_pending(ids, violations)
+            for state, keys in getattr(self, "_created_state", ()):
+                for key in keys:
+                    state.pop(key, None)
             raise
+        finally:
+            self._created_state = []
 
     def _run_taken(self, primal: tuple, blocks: list[ConstraintBlock], pending: list, grad_scale, found_inf) -> None:
         data_parallel = self._data_parallel() if blocks else None
@@ -192,6 +198,8 @@ class LagrangianOptimizer(torch.optim.Optimizer):
         hparams, flags = lists[6], lists[7]
         self._seeded_this_step: set[int] = set()
         self._this_step_skipped: Optional[bool] = None
+        # (state dict, keys) created for this step: removed again if the step raises.
+        self._created_state: list[tuple[dict, tuple[str, ...]]] = []
         for group in self.param_groups:
             group_hparams, group_flag = self._group_options(group)
             for p in group["params"]:
@@ -380,6 +388,7 @@ class LagrangianSGD(LagrangianOptimizer):
                     if self._keeps_new_state():
                         state["momentum_buffer"] = buffer
                         self._seeded_this_step.add(id(buffer))
+                        self._created_state.append((state, ("momentum_buffer",)))
             buffers.append(buffer)
         else:
             buffers.append(_empty_like(p))
@@ -441,6 +450,7 @@ class LagrangianAdam(LagrangianOptimizer):
                 new_state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             if self._keeps_new_state():
                 state.update(new_state)
+                self._created_state.append((state, tuple(new_state)))
             else:
                 state = new_state  # for this skipped step only, as torch.optim.Adam creates none then
         params.append(p)
