@@ -239,7 +239,7 @@ def _tolerance(dtype: torch.dtype, exact: bool = True) -> tuple[float, float]:
     if dtype in (torch.float64, torch.complex64, torch.complex128):
         # Not exact against torch.optim with a tensor lr: torch computes lr * weight_decay and lr / bias
         # correction in the lr tensor's dtype (float32), the package reads lr as a Python float.
-        return (0.0, 0.0) if exact else (0.0, 1e-6)
+        return (0.0, 0.0) if exact else (1e-8, 1e-6)
     if dtype == torch.bfloat16:
         return 1e-6, torch.finfo(torch.bfloat16).eps
     return 1e-6, 0.0
