@@ -102,27 +102,25 @@ class ConstraintSpec:
         self.bound = self._checked_bound(check)
 
     def _checked_bound(self, check) -> Union[float, Tensor]:
-        """A finite float, or a finite (num_constraints,) tensor with a value per constraint."""
+        """A finite float, or a finite (num_constraints,) real tensor with a value per constraint."""
         bound, k = self.bound, self.num_constraints
+        expected = f"a float or a tensor of shape ({k},)"
+        if isinstance(bound, (list, tuple)):
+            check(False, f"bound must be {expected}, got a Python {type(bound).__name__}; "
+                  "pass torch.tensor(bound) for one bound per constraint")
         if isinstance(bound, Tensor):
             check(bound.device.type != "meta", "bound is on the meta device, which holds no values; "
                   "pass a tensor with values (e.g. on the CPU: the block moves it to its own device)")
-            check(bound.is_floating_point() or not (bound.is_complex() or bound.dtype == torch.bool),
-                  f"bound must be a real number or a real tensor, got dtype {bound.dtype}")
-            if bound.dim() == 0:
-                bound = bound.item()
-            else:
-                check(tuple(bound.shape) == (k,),
-                      f"a tensor bound needs one value per constraint, shape ({k},); got {tuple(bound.shape)}")
+            check(not (bound.is_complex() or bound.dtype == torch.bool), f"bound must be real, got {bound.dtype}")
+            if bound.dim() > 0:
+                check(tuple(bound.shape) == (k,), f"bound must be {expected}, got shape {tuple(bound.shape)}")
                 nonfinite = (~torch.isfinite(bound)).nonzero().flatten().tolist()
-                check(not nonfinite, f"bound must be finite: {len(nonfinite)} NaN or inf entries, "
-                      f"first at index {nonfinite[0] if nonfinite else None}")
+                if nonfinite:
+                    check(False, f"bound must be finite: {len(nonfinite)} NaN or inf entries, first at index "
+                          f"{nonfinite[0]}")
                 return bound
-        if isinstance(bound, (list, tuple)):
-            check(False, f"bound must be a float or a tensor of shape ({k},), got a Python {type(bound).__name__}; "
-                  "pass torch.tensor(bound) for one bound per constraint")
         value = _real_number(bound)
-        check(value is not None, f"bound must be a float or a tensor of shape ({k},), got {type(bound).__name__}")
+        check(value is not None, f"bound must be {expected}, got {type(bound).__name__}")
         check(math.isfinite(value), f"bound must be finite, got {bound!r}")
         return value
 
