@@ -60,6 +60,8 @@ class ConstraintSpec:
     max_multiplier: float = math.inf
     damping: float = 0.0
     restart_on_feasible: bool = False
+    # "dual_first": the multipliers move at the block call, so an iteration GradScaler then skips still
+    # moves them (their violations come from the forward values, not the overflowing gradients).
     ordering: str = "simultaneous"
     to_overall: bool = False
     nonfinite: str = "raise"
@@ -167,21 +169,20 @@ class ConstraintBlock:
         self.last_stats: Optional[tuple[Tensor, int]] = None
 
     def _allocate_state(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        """Multipliers (filled with ``init``) and nuPI state; a block that cannot fit fails here, before any allocation."""
+        """Multipliers (filled with ``init``) and nuPI state; a block that cannot fit fails before allocating."""
         spec = self.spec
         k = spec.num_constraints
-        state_sizes = (k, k if spec.dual_rule == "nupi" else 0)
-        needed = 4 * sum(state_sizes)  # float32
+        sizes = (k, k if spec.dual_rule == "nupi" else 0)
+        needed = 4 * sum(sizes)  # float32
+        what = f"constraint block {spec.name!r}: num_constraints={k} needs {_bytes_text(needed)} of float32 " \
+               f"multiplier{' and nuPI' if sizes[1] else ''} state on {device}"
         available = available_bytes(device)
         if available is not None and needed > available:
-            raise ConstraintMemoryError(
-                f"constraint block {spec.name!r}: num_constraints={k} needs {_bytes_text(needed)} of float32 "
-                f"multiplier{' and nuPI' if state_sizes[1] else ''} state on {device}; {_bytes_text(available)} available")
+            raise ConstraintMemoryError(f"{what}; {_bytes_text(available)} available")
         try:
-            return constraint_state(state_sizes[0], float(spec.init), device), constraint_state(state_sizes[1], 0.0, device)
+            return constraint_state(sizes[0], float(spec.init), device), constraint_state(sizes[1], 0.0, device)
         except RuntimeError as error:  # the allocator's own out-of-memory (torch.OutOfMemoryError included)
-            raise ConstraintMemoryError(f"constraint block {spec.name!r}: num_constraints={k} needs "
-                                        f"{_bytes_text(needed)} on {device}, which could not be allocated: {error}") from error
+            raise ConstraintMemoryError(f"{what}, which could not be allocated: {error}") from error
 
     @property
     def name(self) -> str:
@@ -455,11 +456,11 @@ def _bytes_text(count: int) -> str:
 
 
 def _check_state_tensor(fail, key: str, value, shape: torch.Size) -> None:
-    """A checkpoint's multipliers or dual state: a real floating tensor of exactly ``shape``, all finite."""
+    """A checkpoint's multipliers or dual state: float32 (what blocks keep), exactly ``shape``, all finite."""
     if not isinstance(value, Tensor):
         fail(f"{key} is a {type(value).__name__}, not a tensor")
-    if not value.is_floating_point():
-        fail(f"{key} has dtype {value.dtype}; expected a floating-point tensor")
+    if value.dtype != torch.float32:
+        fail(f"{key} has dtype {value.dtype}; blocks keep float32 (convert it with .float() if that is intended)")
     if value.device.type == "meta":
         fail(f"{key} is on the meta device (no values)")
     if value.shape != shape:

@@ -64,7 +64,8 @@ def available_bytes(device: torch.device) -> Optional[int]:
         try:
             with open("/proc/meminfo") as meminfo:
                 fields = dict(line.split(":", 1) for line in meminfo)
-            return (int(fields["MemAvailable"].split()[0]) + int(fields.get("SwapFree", "0 kB").split()[0])) * 1024
+            # Not counting swap: a block that only fits there would thrash rather than fail.
+            return int(fields["MemAvailable"].split()[0]) * 1024
         except (OSError, KeyError, ValueError):
             return None
     return None

@@ -2,9 +2,9 @@
 and layouts (a parameter listed twice now and then), gradients of other layouts, constraint blocks fed
 ids of any layout, and GradScaler-style steps (``grad_scale`` / ``found_inf`` set as GradScaler sets them).
 
-``run_case(seed, backends)`` plays one case on each backend and on torch.optim, from the same initial
-values, and compares after every step: every backend with the reference (parameters, state,
-multipliers, dual state), and every backend with torch.optim (parameters and state; blocks feed the
+``run_case(seed, backend)`` plays one case on the backend, the reference and torch.optim, from the same
+initial values, and compares after every step: the backend with the reference (parameters, state,
+multipliers, dual state), and both with torch.optim (parameters and state; blocks feed the
 dual update only, through ``observe``, so the primal trajectory is torch.optim's).  float64 and complex
 tensors must agree bitwise, fp32 within 1e-6, bf16 within one rounding.
 """
@@ -217,9 +217,10 @@ def _play_step(case: Case, step: int, params, optimizer, blocks, is_torch: bool)
         del optimizer.grad_scale, optimizer.found_inf
 
 
-def run_case(seed: int, backends: list[str]) -> None:
+def run_case(seed: int, backend: str) -> None:
+    """Case ``seed`` on ``backend``, on the reference (unless that is the backend) and on torch.optim."""
     case = draw(seed)
-    runs = {name: _build(case, name) for name in ["reference", *[b for b in backends if b != "reference"]]}
+    runs = {name: _build(case, name) for name in dict.fromkeys(["reference", backend])}
     torch_params, torch_optimizer, _ = _build(case, None)
     for step in range(STEPS):
         for params, optimizer, blocks in runs.values():

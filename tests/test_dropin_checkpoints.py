@@ -65,6 +65,8 @@ def corrupt(state: dict, how: str) -> dict:
         blocks["rows"]["multipliers"] = torch.ones(10, 1)
     elif how == "multipliers_dtype":
         blocks["rows"]["multipliers"] = torch.ones(10, dtype=torch.int64)
+    elif how == "multipliers_float64":
+        blocks["rows"]["multipliers"] = blocks["rows"]["multipliers"].double()
     elif how == "multipliers_not_a_tensor":
         blocks["rows"]["multipliers"] = [0.0] * 10
     elif how == "negative_inequality_multiplier":
@@ -104,10 +106,11 @@ def corrupt(state: dict, how: str) -> dict:
 
 
 CORRUPTIONS = ["missing_block", "unknown_block", "wrong_kind", "wrong_K", "one_element_multipliers",
-               "multipliers_shape", "multipliers_dtype", "multipliers_not_a_tensor", "negative_inequality_multiplier",
-               "nan_multiplier", "multiplier_above_cap", "multiplier_below_equality_cap", "dual_rule",
-               "dual_rule_name", "sense", "missing_key", "missing_counter", "block_not_a_dict", "state_shape",
-               "step_not_a_number", "negative_step", "group_size"]
+               "multipliers_shape", "multipliers_dtype", "multipliers_float64", "multipliers_not_a_tensor",
+               "negative_inequality_multiplier", "nan_multiplier", "multiplier_above_cap",
+               "multiplier_below_equality_cap", "dual_rule", "dual_rule_name", "sense", "missing_key",
+               "missing_counter", "block_not_a_dict", "state_shape", "step_not_a_number", "negative_step",
+               "group_size"]
 
 
 @pytest.fixture(scope="module")
@@ -159,8 +162,10 @@ def test_adam_step_in_older_formats_is_converted(backend, saved, stored_as):
     state = copy.deepcopy(saved)
     for param_state in state["state"].values():
         step = int(param_state["step"].item())
-        param_state["step"] = {"int": step, "float": float(step), "float64_tensor": torch.tensor(step, dtype=torch.float64),
-                               "shape_1_tensor": torch.tensor([float(step)]), "int_tensor": torch.tensor(step)}[stored_as]
+        param_state["step"] = {"int": step, "float": float(step),
+                               "float64_tensor": torch.tensor(step, dtype=torch.float64),
+                               "shape_1_tensor": torch.tensor([float(step)]),
+                               "int_tensor": torch.tensor(step)}[stored_as]
     model, optimizer, blocks = fresh(backend)
     optimizer.load_state_dict(state)
     reference_model, reference_optimizer, reference_blocks = fresh(backend)

@@ -35,7 +35,7 @@ RANDOM_CASES = 24
 
 @pytest.mark.parametrize("seed", range(RANDOM_CASES))
 def test_random_cases_match_reference_and_torch_optim(seed):
-    dropin_cases.run_case(seed, ["reference", BACKEND])
+    dropin_cases.run_case(seed, BACKEND)
 
 
 @pytest.mark.parametrize("kind", ["SGD", "Adam"])
