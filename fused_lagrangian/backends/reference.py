@@ -47,7 +47,7 @@ def fused_step(
             grad = grads[i] if inv_scale is None else grads[i] * inv_scale
             if algorithm == Algorithm.ADAM:
                 _in_math_dtype(_adam, param, grad, exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i],
-                         step=steps[i], hp=hp, flags=flags)
+                               step=steps[i], hp=hp, flags=flags)
             else:
                 _in_math_dtype(_sgd, param, grad, exp_avgs[i], hp=hp, flags=flags)
         for j, lam in enumerate(multipliers):
