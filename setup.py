@@ -37,7 +37,9 @@ setup(
     install_requires=["torch>=2.4", "ninja"],
     extras_require={
         "apps": APPS,
-        "test": APPS + ["pytest", "pytest-benchmark", "cooper-optim==1.0.1", "triton"],
+        # lightning, transformers and accelerate: the guide's recipes for their trainers (tests/test_docs.py).
+        "test": APPS + ["pytest", "pytest-benchmark", "cooper-optim==1.0.1", "triton", "lightning", "transformers",
+                        "accelerate"],
         "triton": ["triton"],
     },
     entry_points={"console_scripts": ["fused-lagrangian=fused_lagrangian_apps.cli:main"]},

@@ -108,7 +108,7 @@ def compile_and_load() -> Optional[str]:
     library = os.path.join(build_directory, f"{name}.so")
     fresh_build = not os.path.exists(library)
     if fresh_build:
-        kernels = "CPU and CUDA kernels, a few minutes" if with_cuda else "CPU kernel, under a minute"
+        kernels = "CPU and CUDA kernels, a few minutes" if with_cuda else "CPU kernel, about a minute"
         print(f"fused_lagrangian: compiling the native extension on first use ({kernels}; cached in "
               f"{build_directory}; {JIT_ENV}=0 skips this)", file=sys.stderr, flush=True)
     os.makedirs(build_directory, exist_ok=True)
