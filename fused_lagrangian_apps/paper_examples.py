@@ -232,11 +232,11 @@ def _explain_rate(runs: list[tuple[str, dict]], points: int) -> str:
     lines = [f"The rate is a count over {points} points: it moves in steps of {1 / points:.2%}, and 70% is "
              f"{target} points predicted 0."]
     if abs(predicted(lagrangian) - target) <= 1:
-        lines += [f"The Lagrangian run ends at {predicted(lagrangian)}: its multiplier holds the rate on the bound "
-                  "by moving it one point back and forth",
-                  f"across it, so the last iterate reads {target / points:.1%} or one point under "
-                  f"({(target - 1) / points:.2%}, shown as 69.7% when rounded down): within one point, the "
-                  "tolerance of a hard rate."]
+        lines += [f"The Lagrangian run ends at {predicted(lagrangian)} points: its multiplier holds the rate on the "
+                  "bound, moving it one point back",
+                  f"and forth across it, so the last iterate reads {target / points:.1%} or one point under "
+                  f"({target - 1} points = {(target - 1) / points:.2%}):",
+                  f"one point is the tolerance of a rate over {points} points."]
     else:
         lines += [f"The Lagrangian run ends at {predicted(lagrangian)} points, {predicted(lagrangian) - target:+d} "
                   "from the target: not converged in these steps (the default 10,000 are enough)."]
