@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from typing import Optional
 
 # argparse shows these as they are: plain text, no reStructuredText markup.
@@ -28,7 +29,10 @@ def _info(_: argparse.Namespace) -> int:
           f"threads {torch.get_num_threads()}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
-        print(f"\n{device}: backend='auto' picks {backends.resolve('auto', torch.device(device))!r}")
+        with warnings.catch_warnings():  # the lines below give the reasons a fallback warning would repeat
+            warnings.simplefilter("ignore", backends.BackendFallbackWarning)
+            picked = backends.resolve("auto", torch.device(device))
+        print(f"\n{device}: backend='auto' picks {picked!r}")
         for name in backends.names():
             reason = backends.unavailable_reason(name, device)
             print(f"  {name:<10} {'available' if reason is None else 'unavailable: ' + reason}")
