@@ -5,7 +5,18 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from typing import Optional
+
+# argparse shows these as they are: plain text, no reStructuredText markup.
+DESCRIPTION = "Constrained training with fused_lagrangian: the demo, the paper's examples, benchmarks, install status."
+EXAMPLES_DESCRIPTION = (
+    "The position paper's two examples (Ramirez et al., arXiv 2505.20628), each solved by one Lagrangian run "
+    "and by a grid of fixed penalties: a concave problem where every penalty ends at an end of the interval, "
+    "and a rate constraint (at least 70% predicted class 0) that no penalty of the grid lands on. "
+    "Each table ends with what its numbers mean.")
+INFO_DESCRIPTION = ("Version, the backends that can run here, the one backend='auto' picks on each device and "
+                    "where the native library comes from (built at install, compiled on first use, or why not).")
 
 
 def _info(_: argparse.Namespace) -> int:
@@ -18,7 +29,10 @@ def _info(_: argparse.Namespace) -> int:
           f"threads {torch.get_num_threads()}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
-        print(f"\n{device}: backend='auto' picks {backends.resolve('auto', torch.device(device))!r}")
+        with warnings.catch_warnings():  # the lines below give the reasons a fallback warning would repeat
+            warnings.simplefilter("ignore", backends.BackendFallbackWarning)
+            picked = backends.resolve("auto", torch.device(device))
+        print(f"\n{device}: backend='auto' picks {picked!r}")
         for name in backends.names():
             reason = backends.unavailable_reason(name, device)
             print(f"  {name:<10} {'available' if reason is None else 'unavailable: ' + reason}")
@@ -59,15 +73,18 @@ def _bench(argv: list[str]) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="fused-lagrangian", description=__doc__)
+    parser = argparse.ArgumentParser(prog="fused-lagrangian", description=DESCRIPTION)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("demo", help="fairness on UCI Adult: unconstrained vs penalty sweep vs one Lagrangian run "
                                      "(options: fused-lagrangian demo --help)", add_help=False)
     commands.add_parser("bench", help="benchmarks: fused vs Cooper vs unfused vs torch fused Adam "
                                       "(options: fused-lagrangian bench --help)", add_help=False)
-    examples = commands.add_parser("examples", help="the position paper's two examples: Lagrangian vs penalties")
-    examples.add_argument("--backend", default="auto")
-    commands.add_parser("info", help="version, backends available and which one 'auto' picks, build status")
+    examples = commands.add_parser("examples", help="the position paper's two examples: Lagrangian vs penalties",
+                                   description=EXAMPLES_DESCRIPTION)
+    examples.add_argument("--backend", default="auto", help="fused_step backend: auto (default), reference, native, "
+                                                            "triton")
+    commands.add_parser("info", help="version, backends available and which one 'auto' picks, build status",
+                        description=INFO_DESCRIPTION)
     # demo and bench own their options: hand them the rest of the command line untouched.
     if argv and argv[0] in ("demo", "bench"):
         return {"demo": _demo, "bench": _bench}[argv[0]](argv[1:])

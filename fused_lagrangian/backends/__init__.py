@@ -8,6 +8,7 @@ chain of special cases in the optimizer.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -35,6 +36,14 @@ class Backend:
 _REGISTRY: dict[str, Backend] = {}
 
 
+class BackendFallbackWarning(UserWarning):
+    """"auto" found no fast backend on a device that should have one and runs the reference step."""
+
+
+# Device types already warned about: one warning per process, however many optimizers or steps.
+_WARNED_FALLBACK: set[str] = set()
+
+
 def register(backend: Backend) -> None:
     _REGISTRY[backend.name] = backend
 
@@ -54,12 +63,26 @@ def resolve(name: str, device: torch.device) -> str:
     if name == "auto":
         for candidate in AUTO_PREFERENCE.get(device.type, ("reference",)):
             if candidate in _REGISTRY and unavailable_reason(candidate, device.type) is None:
+                if candidate == "reference":
+                    _warn_fallback(device.type)
                 return candidate
         return "reference"
     reason = unavailable_reason(name, device.type)
     if reason is not None:
         raise RuntimeError(f"backend {name!r} cannot run on {device.type}: {reason}")
     return name
+
+
+def _warn_fallback(device_type: str) -> None:
+    fast = [name for name in AUTO_PREFERENCE.get(device_type, ()) if name != "reference" and name in _REGISTRY]
+    if not fast or device_type in _WARNED_FALLBACK:
+        return
+    _WARNED_FALLBACK.add(device_type)
+    reasons = "; ".join(f"{name}: {unavailable_reason(name, device_type)}" for name in fast)
+    warnings.warn(f"fused_lagrangian: no fast backend for {device_type} tensors, so every step runs the plain-PyTorch "
+                  f"reference (several times slower). {reasons}. `fused-lagrangian info` shows the details; "
+                  "backend='reference' asks for the reference explicitly and silences this warning.",
+                  BackendFallbackWarning, stacklevel=3)
 
 
 def build_status(name: str) -> str:
