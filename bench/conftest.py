@@ -13,10 +13,10 @@ import functools
 import pytest
 import torch
 
-from fused_lagrangian.benchmarks import fused_backends
-from fused_lagrangian.benchmarks.problems import StepData, StepProblem, TrainingData, TrainingProblem
-from fused_lagrangian.benchmarks.step_candidates import step_candidates
-from fused_lagrangian.benchmarks.training_candidates import training_candidates
+from bench import fused_backends
+from bench.problems import StepData, StepProblem, TrainingData, TrainingProblem
+from bench.step_candidates import step_candidates
+from bench.training_candidates import training_candidates
 
 CPU = torch.device("cpu")
 CANDIDATES = [f"fused:{name}" for name in fused_backends(CPU)] + ["cooper", "unfused", "torch_fused", "ceiling"]

@@ -3,8 +3,8 @@
 import pytest
 
 from conftest import CANDIDATES, build, run
-from fused_lagrangian.benchmarks.problems import BlockConfig, StepProblem
-from fused_lagrangian.benchmarks.sweeps import STANDARD_BLOCKS
+from bench.problems import BlockConfig, StepProblem
+from bench.sweeps import STANDARD_BLOCKS
 
 PROBLEMS = {
     "10M params, no blocks": StepProblem(10**7),

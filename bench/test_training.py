@@ -3,7 +3,7 @@
 import pytest
 
 from conftest import CANDIDATES, build, run
-from fused_lagrangian.benchmarks.problems import TrainingProblem
+from bench.problems import TrainingProblem
 
 PROBLEMS = {f"MLP, N=1e{e}, B=512": TrainingProblem(10**e, batch=512) for e in (5, 7)}
 

@@ -1,8 +1,9 @@
 """setup.py's half for the native step: the extension to build, or none when this machine cannot.
 
 The CPU kernel needs a C++ compiler; the CUDA kernel also needs a CUDA build of torch and nvcc.  A
-failed build is reported and skipped: the package installs and runs on the reference backend, and
-``fused-lagrangian info`` says why the native backend is missing.
+failed build is reported and skipped: the package installs, and its first use of the native backend
+compiles these sources (fused_lagrangian/backends/native_build.py, which reads the lists and flags
+below) or, failing that, runs the reference backend with a warning that says why.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def extension_kwargs() -> dict:
     try:
         from torch.utils import cpp_extension
     except ImportError as error:
-        print(f"fused_lagrangian: torch is not importable ({error}); install with --no-build-isolation")
+        print(f"fused_lagrangian: torch is not importable here ({error}), as in pip's isolated build: the "
+              "package compiles its C++ sources on first use instead (--no-build-isolation builds them now)")
         return {}
     sources = [_relative(s) for s in CPU_SOURCES]
     kwargs = dict(extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS}, extra_link_args=["-fopenmp"])
@@ -71,6 +73,6 @@ def _optional_build_ext(cpp_extension):
                 super().run()
             except Exception as error:  # noqa: BLE001 - any build failure leaves the reference backend
                 print(f"fused_lagrangian: building the native extension failed ({error}); "
-                      "the reference backend will be used", file=sys.stderr)
+                      "its first use will try to compile it again", file=sys.stderr)
 
     return OptionalBuildExtension

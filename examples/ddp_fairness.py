@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from fused_lagrangian import LagrangianAdam
-from fused_lagrangian.data import load_adult
+from fused_lagrangian_apps.datasets import load_adult
 from fused_lagrangian.fairness import dp_gap
 
 

@@ -3,7 +3,7 @@
     python examples/large_synthetic.py                          # 10^6 rows, 4 epochs of batch 4096
     python examples/large_synthetic.py --rows 10000000 --epochs 1
 
-Synthetic data (``fused_lagrangian.data.make_synthetic``: 5 races x 2 sexes x 6 age bins x 9 regions = 540
+Synthetic data (``fused_lagrangian_apps.datasets.make_synthetic``: 5 races x 2 sexes x 6 age bins x 9 regions = 540
 long-tailed groups with group-specific base rates).  One LagrangianAdam carries three blocks, all moved in
 the same ``step()``:
 
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fused_lagrangian import LagrangianAdam
-from fused_lagrangian.data import make_synthetic
+from fused_lagrangian_apps.datasets import make_synthetic
 from fused_lagrangian.fairness import demographic_parity, fairness_metrics, per_sample_loss_bound
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+import operator
 from typing import Optional, Union
 
 import torch
@@ -22,7 +24,7 @@ from torch import Tensor
 
 from .contract import DualFlag
 from .formulation import LOCAL, SENSE_SIGNS, BlockContext, Formulation
-from .memory import constraint_state
+from .memory import available_bytes, constraint_state
 from .validation import ERROR_NONFINITE, ConstraintInputError, raise_for_code
 
 __all__ = ["ConstraintBlock", "ConstraintInputError", "ConstraintSpec"]
@@ -54,6 +56,8 @@ class ConstraintSpec:
     max_multiplier: float = math.inf
     damping: float = 0.0
     restart_on_feasible: bool = False
+    # "dual_first": the multipliers move at the block call, so an iteration GradScaler then skips still
+    # moves them (their violations come from the forward values, not the overflowing gradients).
     ordering: str = "simultaneous"
     to_overall: bool = False
     nonfinite: str = "raise"
@@ -64,21 +68,59 @@ class ConstraintSpec:
             if not ok:
                 raise ValueError(f"constraint block {self.name!r}: {message}")
 
+        check(isinstance(self.name, str) and bool(self.name), "the name must be a non-empty string")
         check(self.kind in KINDS, f"kind must be one of {KINDS}, got {self.kind!r}")
         check(self.sense in SENSES, f"sense must be one of {tuple(SENSES)}, got {self.sense!r}")
         check(self.formulation in FORMULATIONS, f"formulation must be one of {FORMULATIONS}")
         check(self.dual_rule in DUAL_RULES, f"dual_rule must be one of {DUAL_RULES}")
         check(self.ordering in ORDERINGS, f"ordering must be one of {ORDERINGS}")
         check(self.nonfinite in NONFINITE_POLICIES, f"nonfinite must be one of {NONFINITE_POLICIES}")
-        check(int(self.num_constraints) > 0, "num_constraints must be positive")
-        check(self.dual_lr >= 0, "dual_lr must be >= 0")
-        check(self.penalty > 0 or self.formulation == "lagrangian", "penalty must be > 0")
-        check(-1 < self.nu < 1, "nu must be in (-1, 1)")
-        check(self.max_multiplier >= 0, "max_multiplier must be >= 0")
+        count = _whole_number(self.num_constraints)
+        check(count is not None, f"num_constraints must be a whole number, got {self.num_constraints!r}")
+        check(count > 0, f"num_constraints must be positive, got {count}")
+        self.num_constraints = count
+        # Every number the dual update reads must be finite: one NaN or inf turns multipliers into NaN.
+        for option in ("dual_lr", "kp", "ki", "damping", "penalty", "nu", "init"):
+            value = _real_number(getattr(self, option))
+            check(value is not None and math.isfinite(value),
+                  f"{option} must be a finite number, got {getattr(self, option)!r}")
+        max_multiplier = _real_number(self.max_multiplier)
+        check(max_multiplier is not None and max_multiplier >= 0,
+              f"max_multiplier must be a number >= 0 (inf for no cap), got {self.max_multiplier!r}")
+        check(self.dual_lr >= 0, f"dual_lr must be >= 0, got {self.dual_lr!r}")
+        check(self.damping >= 0, f"damping must be >= 0, got {self.damping!r}")
+        check(self.penalty > 0 or self.formulation == "lagrangian", f"penalty must be > 0, got {self.penalty!r}")
+        check(-1 < self.nu < 1, f"nu must be in (-1, 1), got {self.nu!r}")
+        lower = -max_multiplier if self.is_equality else 0.0
+        check(lower <= self.init <= max_multiplier,
+              f"init={self.init!r} is outside the multipliers' range [{lower}, {max_multiplier}] "
+              f"({'equality' if self.is_equality else 'inequality'} block, max_multiplier={max_multiplier})")
         check(not self.to_overall or self.kind == "grouped", "to_overall applies to grouped blocks")
-        check(math.isfinite(self.init), "init must be finite")
         check(self.sense != "==" or not self.restart_on_feasible, "restart_on_feasible needs an inequality")
-        self.num_constraints = int(self.num_constraints)
+        self.bound = self._checked_bound(check)
+
+    def _checked_bound(self, check) -> Union[float, Tensor]:
+        """A finite float, or a finite (num_constraints,) real tensor with a value per constraint."""
+        bound, k = self.bound, self.num_constraints
+        expected = f"a float or a tensor of shape ({k},)"
+        if isinstance(bound, (list, tuple)):
+            check(False, f"bound must be {expected}, got a Python {type(bound).__name__}; "
+                  "pass torch.tensor(bound) for one bound per constraint")
+        if isinstance(bound, Tensor):
+            check(bound.device.type != "meta", "bound is on the meta device, which holds no values; "
+                  "pass a tensor with values (e.g. on the CPU: the block moves it to its own device)")
+            check(not (bound.is_complex() or bound.dtype == torch.bool), f"bound must be real, got {bound.dtype}")
+            if bound.dim() > 0:
+                check(tuple(bound.shape) == (k,), f"bound must be {expected}, got shape {tuple(bound.shape)}")
+                nonfinite = (~torch.isfinite(bound)).nonzero().flatten().tolist()
+                if nonfinite:
+                    check(False, f"bound must be finite: {len(nonfinite)} NaN or inf entries, first at index "
+                          f"{nonfinite[0]}")
+                return bound
+        value = _real_number(bound)
+        check(value is not None, f"bound must be {expected}, got {type(bound).__name__}")
+        check(math.isfinite(value), f"bound must be finite, got {bound!r}")
+        return value
 
     @property
     def is_equality(self) -> bool:
@@ -118,16 +160,10 @@ class ConstraintBlock:
     def __init__(self, context: BlockContext, spec: ConstraintSpec, device: torch.device) -> None:
         self.spec = spec
         self._context = context
-        k = spec.num_constraints
-        self.multipliers = constraint_state(k, float(spec.init), device)
-        if not spec.is_equality:
-            self.multipliers.clamp_(0.0, spec.max_multiplier)
-        self.dual_state = constraint_state(k if spec.dual_rule == "nupi" else 0, 0.0, device)
+        self.multipliers, self.dual_state = self._allocate_state(device)
         self._bound = spec.bound.to(device=device, dtype=torch.float32) if isinstance(spec.bound, Tensor) else float(spec.bound)
-        if isinstance(self._bound, Tensor) and self._bound.shape != (k,):
-            raise ValueError(f"constraint block {spec.name!r}: bound must be a float or have shape ({k},)")
-        self._formulation = Formulation(spec.name, spec.kind, k, spec.sense, spec.formulation, spec.penalty,
-                                        spec.to_overall, spec.nonfinite, self._bound, device)
+        self._formulation = Formulation(spec.name, spec.kind, spec.num_constraints, spec.sense, spec.formulation,
+                                        spec.penalty, spec.to_overall, spec.nonfinite, self._bound, device)
         self._pending_ids: list[Tensor] = []
         self._pending_violations: list[Tensor] = []
         self.nonfinite_skipped = 0
@@ -136,6 +172,22 @@ class ConstraintBlock:
         # (statistics of the last step, this block's row): read only by report(), so the step never
         # pays for slicing it.
         self.last_stats: Optional[tuple[Tensor, int]] = None
+
+    def _allocate_state(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Multipliers (filled with ``init``) and nuPI state; a block that cannot fit fails before allocating."""
+        spec = self.spec
+        k = spec.num_constraints
+        sizes = (k, k if spec.dual_rule == "nupi" else 0)
+        needed = 4 * sum(sizes)  # float32
+        what = f"constraint block {spec.name!r}: num_constraints={k} needs {_bytes_text(needed)} of float32 " \
+               f"multiplier{' and nuPI' if sizes[1] else ''} state on {device}"
+        available = available_bytes(device)
+        if available is not None and needed > available:
+            raise ConstraintMemoryError(f"{what}; {_bytes_text(available)} available")
+        try:
+            return constraint_state(sizes[0], float(spec.init), device), constraint_state(sizes[1], 0.0, device)
+        except RuntimeError as error:  # the allocator's own out-of-memory (torch.OutOfMemoryError included)
+            raise ConstraintMemoryError(f"{what}, which could not be allocated: {error}") from error
 
     @property
     def name(self) -> str:
@@ -223,6 +275,12 @@ class ConstraintBlock:
         self.discard_pending()
         return ids, violations
 
+    def restore_pending(self, ids: Tensor, violations: Tensor) -> None:
+        """Puts back what ``take_pending`` returned, ahead of anything recorded since (a step that raised)."""
+        if ids.numel():
+            self._pending_ids.insert(0, ids)
+            self._pending_violations.insert(0, violations)
+
     def discard_pending(self) -> None:
         self._pending_ids.clear()
         self._pending_violations.clear()
@@ -258,21 +316,105 @@ class ConstraintBlock:
         return {
             "kind": self.spec.kind,
             "num_constraints": self.spec.num_constraints,
+            "sense": self.spec.sense,
+            "dual_rule": self.spec.dual_rule,
             "multipliers": self.multipliers.clone(),
             "dual_state": self.dual_state.clone(),
             "nonfinite_skipped": self.nonfinite_skipped,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("kind", "num_constraints"):
-            if state[key] != getattr(self.spec, key):
-                raise ValueError(f"constraint block {self.name!r}: checkpoint has {key}={state[key]!r}, "
-                                 f"this block has {getattr(self.spec, key)!r}")
-        if state["dual_state"].shape != self.dual_state.shape:
-            raise ValueError(f"constraint block {self.name!r}: checkpoint dual state does not match the dual rule")
+        """Loads a ``state_dict()``; checks all of it first, so a refused checkpoint changes nothing."""
+        self.check_state_dict(state)
         # copy_ keeps the block's device and tensor identity (map_location="cpu" checkpoints load on GPU too).
         self.multipliers.copy_(state["multipliers"])
         self.dual_state.copy_(state["dual_state"])
         self.nonfinite_skipped = int(state["nonfinite_skipped"])
         self.discard_pending()
 
+    def check_state_dict(self, state: dict) -> None:
+        """Raises ValueError naming the block and the entry when ``state`` does not fit this block exactly."""
+        spec = self.spec
+
+        def fail(message: str) -> None:
+            raise ValueError(f"constraint block {spec.name!r}: checkpoint {message}")
+
+        if not isinstance(state, dict):
+            fail(f"entry is a {type(state).__name__}, not a dict")
+        missing = [key for key in _STATE_KEYS if key not in state]
+        if missing:
+            fail(f"lacks {missing}")
+        # sense and dual_rule are written since this version; older checkpoints are checked by shape alone.
+        for key in ("kind", "num_constraints", "sense", "dual_rule"):
+            if key in state and state[key] != getattr(spec, key):
+                fail(f"has {key}={state[key]!r}, this block has {getattr(spec, key)!r}")
+        _check_state_tensor(fail, "multipliers", state["multipliers"], self.multipliers.shape)
+        lower, upper = (-spec.max_multiplier if spec.is_equality else 0.0), spec.max_multiplier
+        multipliers = state["multipliers"]
+        if multipliers.numel() and (float(multipliers.min()) < lower or float(multipliers.max()) > upper):
+            fail(f"multipliers lie outside this {'equality' if spec.is_equality else 'inequality'} block's range "
+                 f"[{lower}, {upper}]: min {float(multipliers.min())}, max {float(multipliers.max())}")
+        dual_state = state["dual_state"]
+        if isinstance(dual_state, Tensor) and dual_state.shape != self.dual_state.shape:
+            fail(f"dual_state has shape {tuple(dual_state.shape)}; this block's dual rule ({spec.dual_rule}) "
+                 f"keeps {tuple(self.dual_state.shape)}")
+        _check_state_tensor(fail, "dual_state", dual_state, self.dual_state.shape)
+        skipped = state["nonfinite_skipped"]
+        if isinstance(skipped, bool) or _whole_number(skipped) is None or _whole_number(skipped) < 0:
+            fail(f"nonfinite_skipped must be a count >= 0, got {skipped!r}")
+
+
+_STATE_KEYS = ("kind", "num_constraints", "multipliers", "dual_state", "nonfinite_skipped")
+
+
+class ConstraintMemoryError(MemoryError, ValueError):
+    """A block whose state cannot fit on its device (a MemoryError, and a ValueError like the other option checks)."""
+
+
+def _bytes_text(count: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if count < 1024 or unit == "PB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+def _check_state_tensor(fail, key: str, value, shape: torch.Size) -> None:
+    """A checkpoint's multipliers or dual state: float32 (what blocks keep), exactly ``shape``, all finite."""
+    if not isinstance(value, Tensor):
+        fail(f"{key} is a {type(value).__name__}, not a tensor")
+    if value.dtype != torch.float32:
+        fail(f"{key} has dtype {value.dtype}; blocks keep float32 (convert it with .float() if that is intended)")
+    if value.device.type == "meta":
+        fail(f"{key} is on the meta device (no values)")
+    if value.shape != shape:
+        # Never broadcast: a (1,) tensor would otherwise fill all K multipliers.
+        fail(f"{key} has shape {tuple(value.shape)}, this block needs {tuple(shape)}")
+    if value.numel() and not bool(torch.isfinite(value).all()):
+        fail(f"{key} contains NaN or inf")
+
+def _real_number(value) -> Optional[float]:
+    """``value`` as a float when it is a real number (Python, NumPy or a one-element real tensor), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.is_complex() or value.device.type == "meta":
+            return None
+        return float(value.item())
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return None
+
+
+def _whole_number(value) -> Optional[int]:
+    """``value`` as an int when it is a whole number (3, 3.0, 1e6, a NumPy integer), else None (2.5, "3", True)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        pass
+    number = _real_number(value)
+    if number is None or not math.isfinite(number) or not number.is_integer():
+        return None
+    return int(number)

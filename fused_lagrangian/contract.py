@@ -6,7 +6,9 @@ constraint block's multipliers. All backends take exactly these arguments; the r
 
 Primal side, one entry per parameter tensor ``i`` (lists aligned with ``params``):
 
-    params[i], grads[i]     parameter and its gradient (fp32, fp16 or bf16; math in fp32)
+    params[i], grads[i]     parameter and its gradient (fp32, fp16 or bf16; math in fp32), dense, the
+                            gradient and state in the parameter's strides; the reference also takes other
+                            layouts and float64 / complex (in their own precision): see layouts.py
     exp_avgs[i]             Adam: first moment.  SGD: momentum buffer (numel 0 when momentum == 0)
     exp_avg_sqs[i]          Adam: second moment. SGD: the list is empty
     max_exp_avg_sqs[i]      Adam: running max of the second moment (numel 0 without amsgrad). SGD: empty

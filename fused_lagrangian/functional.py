@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import backends
+from . import backends, layouts
 
 
 def fused_step(
@@ -34,9 +34,11 @@ def fused_step(
     *,
     backend: str = "auto",
 ) -> Tensor:
-    """One optimizer step over all parameters and all constraint blocks; returns per-block statistics."""
+    """One optimizer step over all parameters and all constraint blocks; returns per-block statistics.
+
+    Takes what torch.optim takes (any layout, float64, complex, a tensor listed twice): see layouts.py."""
     device = params[0].device if params else (multipliers[0].device if multipliers else torch.device("cpu"))
-    implementation = backends.fused_step_of(backends.resolve(backend, device))
+    implementation = layouts.normalising(backends.fused_step_of(backends.resolve(backend, device)))
     return implementation(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, primal_hparams, primal_flags, algorithm,
         multipliers, dual_states, ids, violations, dual_hparams, dual_flags, grad_scale, found_inf,

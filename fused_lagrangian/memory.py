@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import sys
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -52,3 +53,19 @@ def constraint_state(num_constraints: int, fill: float, device: torch.device) ->
     if tensor.numel() * tensor.element_size() >= MIN_ADVISED_BYTES:
         advise_huge_pages(tensor)  # before the fill below first touches the pages
     return tensor.fill_(fill)
+
+
+def available_bytes(device: torch.device) -> Optional[int]:
+    """Memory a new allocation on ``device`` can take (None: unknown), to refuse hopeless ones before trying."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as meminfo:
+                fields = dict(line.split(":", 1) for line in meminfo)
+            # Not counting swap: a block that only fits there would thrash rather than fail.
+            return int(fields["MemAvailable"].split()[0]) * 1024
+        except (OSError, KeyError, ValueError):
+            return None
+    return None

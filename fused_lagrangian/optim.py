@@ -9,18 +9,26 @@ parameters:
     \lambda_{t+1} &= \text{proj}(\lambda_t + \eta_\lambda\, \hat g_t) \quad \text{(touched constraints only)}
 
 The classes only gather tensors and hyperparameters into ``contract.py``'s layout; the computation is
-the backend's ``fused_step``.
+the backend's ``fused_step``, behind ``layouts.py``, which makes every backend take what torch.optim
+takes (any layout, float64, complex, a parameter listed twice).
+
+GradScaler: an iteration whose gradients overflow skips the whole step, primal and simultaneous dual
+updates alike, and does not advance ``step``.  Dual-first blocks (``ordering="dual_first"``) are the
+exception: they update their multipliers at the block call, before the backward pass, so before the
+scaler can know the iteration will be skipped; their violations come from the forward values, not
+the gradients, so that update is still a valid one, but a skipped iteration moves them.
 """
 
 from __future__ import annotations
 
-import math
+import itertools
+import numbers
 from typing import Callable, Iterable, Optional
 
 import torch
 from torch import Tensor
 
-from . import backends, distributed
+from . import backends, distributed, layouts
 from .constraints import ConstraintBlock, ConstraintSpec
 from .contract import Algorithm, FusedStepArguments, PrimalFlag, hparams_tensor
 from .formulation import LOCAL, BlockContext, Recording, Reduction
@@ -79,6 +87,23 @@ class LagrangianOptimizer(torch.optim.Optimizer):
         # GradScaler hands us grad_scale / found_inf instead of unscaling the gradients itself.
         self._step_supports_amp_scaling = True
 
+    # deepcopy and pickle: torch.optim.Optimizer keeps only defaults, state and param_groups; the blocks
+    # (which refer back to this optimizer: the copy's blocks refer to the copy) and the backend travel too.
+    _PICKLED_ATTRIBUTES = ("backend", "process_group", "constraints", "_step_supports_amp_scaling", "_input_errors",
+                           "_block_context", "validation")
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.update({name: self.__dict__[name] for name in self._PICKLED_ATTRIBUTES if name in self.__dict__})
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("constraints", {})
+        self.__dict__.setdefault("backend", "auto")
+        self.__dict__.setdefault("process_group", None)
+        self._implementations = {}  # resolved again on first use: backend functions are not state
+
     # ----------------------------------------------------------------------------------------------
     # Constraint blocks
 
@@ -90,14 +115,28 @@ class LagrangianOptimizer(torch.optim.Optimizer):
             raise ValueError(f"a constraint block named {name!r} already exists")
         spec = ConstraintSpec(name=name, kind=kind, num_constraints=num_constraints, sense=sense, bound=bound,
                               dual_lr=dual_lr, **options)
-        block = ConstraintBlock(self._block_context, spec,
-                                torch.device(device) if device is not None else self._default_device())
+        block = ConstraintBlock(self._block_context, spec, self._block_device(name, device))
         self.constraints[name] = block
         self._resolved(block.device)  # the backend's probes run here, outside any traced region
         return block
 
     def _default_device(self) -> torch.device:
         return self.param_groups[0]["params"][0].device
+
+    def _block_device(self, name: str, device) -> torch.device:
+        """Where a block's multipliers live: the parameters' device, on which the one fused step runs."""
+        params_device = self._default_device()
+        if device is None:
+            return params_device
+        device = torch.device(device)
+        if device.type == params_device.type and device.index is None:
+            device = params_device  # "cuda" means the parameters' cuda device
+        if device != params_device:
+            hint = " (the meta device holds no values)" if device.type == "meta" else ""
+            raise ValueError(f"constraint block {name!r}: device {device}{hint} differs from the parameters' "
+                             f"device {params_device}; the step updates parameters and multipliers in one call "
+                             "on one device")
+        return device
 
     def _reduction(self) -> Reduction:
         return distributed.data_parallel_reduction(self.process_group) or LOCAL
@@ -143,9 +182,20 @@ class LagrangianOptimizer(torch.optim.Optimizer):
                 loss = closure()
         primal = self._gather_primal()
         blocks = [b for b in self.constraints.values() if b.spec.ordering == "simultaneous"]
-        self._run(primal, blocks, getattr(self, "grad_scale", None), getattr(self, "found_inf", None),
-                  self._take_input_errors())
+        self._run(primal, blocks, *self._amp_scaling(), self._take_input_errors())
         return loss
+
+    def _amp_scaling(self) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """GradScaler's ``grad_scale`` and ``found_inf`` for this step (None when not set).
+
+        With no gradient at all, GradScaler's ``found_inf`` is the Python number 0 (a sum over no device):
+        nothing overflowed, so the step runs (the blocks' dual updates)."""
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if isinstance(found_inf, numbers.Number):
+            found_inf = None if found_inf == 0 else torch.ones(1)
+        if isinstance(grad_scale, numbers.Number):
+            grad_scale = None if grad_scale == 1 else torch.tensor([float(grad_scale)])
+        return grad_scale, found_inf
 
     def _take_input_errors(self) -> Optional[Tensor]:
         """This step's deferred error code; on the CPU outside torch.compile it is read and raised here."""
@@ -166,6 +216,22 @@ class LagrangianOptimizer(torch.optim.Optimizer):
         # On an AMP overflow (found_inf) or a deferred input error the backend skips primal and dual
         # alike, device-side; the pending violations belong to that skipped iteration and are dropped.
         pending = [block.take_pending() for block in blocks]
+        try:
+            self._run_taken(primal, blocks, pending, grad_scale, found_inf, input_errors)
+        except Exception:
+            # Nothing was updated (backends check before they write): the samples wait for the next step,
+            # and state created for this step goes, as if it never began.
+            for block, (ids, violations) in zip(blocks, pending):
+                block.restore_pending(ids, violations)
+            for state, keys in getattr(self, "_created_state", ()):
+                for key in keys:
+                    state.pop(key, None)
+            raise
+        finally:
+            self._created_state = []
+
+    def _run_taken(self, primal: tuple, blocks: list[ConstraintBlock], pending: list, grad_scale, found_inf,
+                   input_errors: Optional[Tensor]) -> None:
         if blocks:
             pending = self._reduction().gather_pending(pending)
         if not primal[0] and not blocks:
@@ -197,13 +263,17 @@ class LagrangianOptimizer(torch.optim.Optimizer):
         resolved = self._implementations.get(key)
         if resolved is None:
             name = backends.resolve(self.backend, device)
-            resolved = self._implementations[key] = (name, backends.fused_step_of(name))
+            resolved = self._implementations[key] = (name, layouts.normalising(backends.fused_step_of(name)))
         return resolved
 
     def _gather_primal(self) -> tuple:
         """Lists in contract order: params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hparams, flags."""
         lists: tuple[list, ...] = ([], [], [], [], [], [], [], [])
         hparams, flags = lists[6], lists[7]
+        self._seeded_this_step: set[int] = set()
+        self._this_step_skipped: Optional[bool] = None
+        # (state dict, keys) created for this step: removed again if the step raises.
+        self._created_state: list[tuple[dict, tuple[str, ...]]] = []
         for group in self.param_groups:
             group_hparams, group_flag = self._group_options(group)
             for p in group["params"]:
@@ -226,6 +296,18 @@ class LagrangianOptimizer(torch.optim.Optimizer):
         """
         raise NotImplementedError
 
+    def _keeps_new_state(self) -> bool:
+        """Whether state created for this step is kept: not when GradScaler will skip the step.
+
+        torch.optim never runs a skipped step, so it creates no state then; keeping ours would make the
+        next step differ (SGD seeds a new momentum buffer with the first direction, even with dampening).
+        Read once per step, and only when state is created (a host read of ``found_inf``: first steps only).
+        """
+        if self._this_step_skipped is None:
+            found_inf = self._amp_scaling()[1]
+            self._this_step_skipped = found_inf is not None and bool(found_inf.ne(0).any())
+        return not self._this_step_skipped
+
     # ----------------------------------------------------------------------------------------------
     # Checkpoints: torch's state plus every block's multipliers and dual state.
 
@@ -235,30 +317,82 @@ class LagrangianOptimizer(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """torch.optim's load plus the blocks'; all of it is checked first, so a refused checkpoint changes nothing."""
         state_dict = dict(state_dict)
         # Without the key (torch.optim's state dicts, torch.distributed.checkpoint's): primal state only.
         constraints = state_dict.pop("constraints", None)
         if constraints is not None:
             self._check_constraint_blocks(constraints)
+        self._check_primal_state(state_dict)
         super().load_state_dict(state_dict)
         for name, block_state in (constraints or {}).items():
             self.constraints[name].load_state_dict(block_state)
         self._place_steps()
 
     def _check_constraint_blocks(self, constraints: dict) -> None:
+        if not isinstance(constraints, dict):
+            raise ValueError(f"checkpoint 'constraints' entry is a {type(constraints).__name__}, not a dict")
         missing = set(self.constraints) - set(constraints)
         unknown = set(constraints) - set(self.constraints)
         if missing or unknown:
             raise ValueError(f"checkpoint constraint blocks do not match: missing {sorted(missing)}, "
                              f"unknown {sorted(unknown)}")
+        for name, block_state in constraints.items():
+            self.constraints[name].check_state_dict(block_state)
+
+    def _check_primal_state(self, state_dict: dict) -> None:
+        """What torch.optim's load would refuse halfway or accept and then fail at ``step()`` on, refused first."""
+        groups, state = state_dict.get("param_groups"), state_dict.get("state")
+        if not isinstance(groups, list) or not isinstance(state, dict):
+            raise ValueError("optimizer state dict needs a 'state' dict and a 'param_groups' list")
+        if len(groups) != len(self.param_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        for saved, ours in zip(groups, self.param_groups):
+            if not isinstance(saved, dict) or len(saved.get("params", ())) != len(ours["params"]):
+                raise ValueError("loaded state dict contains a parameter group that doesn't match the size of "
+                                 "optimizer's group")
+        params = dict(zip(itertools.chain.from_iterable(g["params"] for g in groups),
+                          itertools.chain.from_iterable(g["params"] for g in self.param_groups)))
+        for key, param_state in state.items():
+            param = params.get(key)
+            if param is None or not isinstance(param_state, dict):
+                continue
+            for name, value in param_state.items():
+                if name == "step":
+                    _step_value(value, f"state of parameter {key}: step")
+                elif name in _PARAM_SHAPED_STATE and isinstance(value, Tensor) and value.shape != param.shape:
+                    raise ValueError(f"state of parameter {key}: {name} has shape {tuple(value.shape)}, the "
+                                     f"parameter {tuple(param.shape)}")
 
     def _place_steps(self) -> None:
-        """Step counts live with CPU params on the CPU (as torch does) and on the device for GPU params."""
+        """Step counts as torch keeps them: 0-dim float32 tensors, on the CPU for CPU params (on the device
+        for GPU params); older checkpoints' Python numbers and float64 or (1,)-shaped tensors are converted."""
         for group in self.param_groups:
             for p in group["params"]:
-                step = self.state.get(p, {}).get("step")
-                if isinstance(step, Tensor) and step.device != _step_device(p):
-                    self.state[p]["step"] = step.to(_step_device(p), torch.float32)
+                state = self.state.get(p)
+                if not state or "step" not in state:
+                    continue
+                step, device = state["step"], _step_device(p)
+                if not (isinstance(step, Tensor) and step.dtype == torch.float32 and step.dim() == 0
+                        and step.device == device):
+                    state["step"] = torch.tensor(_step_value(step, "step"), dtype=torch.float32, device=device)
+
+
+# State tensors with one value per parameter element (the rest, "step", is a count).
+_PARAM_SHAPED_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
+
+
+def _step_value(value, what: str) -> float:
+    """A checkpoint's step count as a float: a Python number or a one-element tensor, finite and >= 0."""
+    if isinstance(value, Tensor):
+        number = float(value.item()) if value.numel() == 1 and not value.is_complex() else None
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        number = float(value)
+    else:
+        number = None
+    if number is None or not (0 <= number < float("inf")):
+        raise ValueError(f"{what} must be a count >= 0 (a number or a one-element tensor), got {value!r}")
+    return number
 
 
 def _step_device(p: Tensor) -> torch.device:
@@ -318,10 +452,18 @@ class LagrangianSGD(LagrangianOptimizer):
         params, grads, buffers = lists[:3]
         flag = 0
         if group["momentum"] != 0:
-            if state.get("momentum_buffer") is None:
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            buffer = state.get("momentum_buffer")
+            # torch.optim.SGD seeds a new buffer with the first direction; a parameter listed twice in
+            # a group sees no buffer at either of its updates of that step in torch, so both seed it.
+            if buffer is None or id(buffer) in self._seeded_this_step:
                 flag = _FIRST_MOMENTUM_STEP
-            buffers.append(state["momentum_buffer"])
+                if buffer is None:
+                    buffer = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    if self._keeps_new_state():
+                        state["momentum_buffer"] = buffer
+                        self._seeded_this_step.add(id(buffer))
+                        self._created_state.append((state, ("momentum_buffer",)))
+            buffers.append(buffer)
         else:
             buffers.append(_empty_like(p))
         params.append(p)
@@ -375,11 +517,16 @@ class LagrangianAdam(LagrangianOptimizer):
     def _append_state(self, lists, p, group, state):
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = lists[:6]
         if "step" not in state:
-            state["step"] = torch.zeros((), dtype=torch.float32, device=_step_device(p))
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            new_state = {"step": torch.zeros((), dtype=torch.float32, device=_step_device(p)),
+                         "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                         "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
             if group["amsgrad"]:
-                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                new_state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if self._keeps_new_state():
+                state.update(new_state)
+                self._created_state.append((state, tuple(new_state)))
+            else:
+                state = new_state  # for this skipped step only, as torch.optim.Adam creates none then
         params.append(p)
         grads.append(p.grad)
         exp_avgs.append(state["exp_avg"])

@@ -35,3 +35,8 @@ def backend(request) -> str:
 @pytest.fixture(scope="module", params=TRAINING_BACKENDS)
 def training_backend(request) -> str:
     return request.param
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "install: builds and installs a wheel in a fresh virtual environment "
+                                       "(1-2 minutes); deselect with -m 'not install'")

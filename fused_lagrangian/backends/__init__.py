@@ -11,8 +11,8 @@ from __future__ import annotations
 from . import reference  # noqa: F401,I001
 from . import native  # noqa: F401
 from . import triton_backend  # noqa: F401
-from .registry import (AUTO_PREFERENCE, Backend, build_status, fused_step_of, names, register, resolve,
-                       unavailable_reason)
+from .registry import (_REGISTRY, AUTO_PREFERENCE, Backend, BackendFallbackWarning, build_status,  # noqa: F401
+                       fused_step_of, names, register, resolve, unavailable_reason)
 
-__all__ = ["AUTO_PREFERENCE", "Backend", "build_status", "fused_step_of", "names", "register", "resolve",
-           "unavailable_reason"]
+__all__ = ["AUTO_PREFERENCE", "Backend", "BackendFallbackWarning", "build_status", "fused_step_of", "names",
+           "register", "resolve", "unavailable_reason"]

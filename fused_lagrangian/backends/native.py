@@ -1,15 +1,14 @@
 """Native backend: the C++ (OpenMP) and CUDA kernels of ``fused_step`` built from ``csrc/``.
 
-``setup.py`` compiles them into ``fused_lagrangian/_C*.so``, which registers the operator
-``torch.ops.fused_lagrangian.fused_step`` with one kernel per device type.  The library is loaded on
-first use, never at import.  Without a built library the backend is unavailable (and says why),
-unless ``FUSED_LAGRANGIAN_JIT=1`` asks to compile it from a source checkout on first use.
+``setup.py`` compiles them into ``fused_lagrangian/_C*.so`` when the build can see torch, which
+registers the operator ``torch.ops.fused_lagrangian.fused_step`` with one kernel per device type.  The
+library is loaded on first use, never at import.  Without an install-time build, the first use compiles
+the shipped sources (``native_build``; ``FUSED_LAGRANGIAN_JIT`` chooses when).
 """
 
 from __future__ import annotations
 
 import glob
-import importlib.util
 import os
 import threading
 from typing import Optional
@@ -17,11 +16,11 @@ from typing import Optional
 import torch
 
 from ..contract import hparams_tensor
+from . import native_build
+from .native_build import JIT_ENV  # noqa: F401  (part of this module's interface: bench/gpu_check.py)
 from .registry import Backend, register
 
-JIT_ENV = "FUSED_LAGRANGIAN_JIT"
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_SOURCE_DIR = os.path.join(os.path.dirname(_PACKAGE_DIR), "csrc")
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 _OP_NAME = "fused_lagrangian::fused_step"
 
@@ -42,15 +41,15 @@ class _Library:
         with self._lock:
             if not self._decided:
                 try:
-                    self.origin = _load_built() or _load_jit()
+                    prefer_sources = native_build.jit_mode() == "always"
+                    self.origin = (None if prefer_sources else _load_built()) or native_build.compile_and_load()
                     if self.origin is not None:
                         _register_fake()
                 except Exception as error:  # noqa: BLE001 - any load failure makes the backend unavailable
                     self.error = f"the native extension failed to load: {error}"
                     self.origin = None
                 if self.origin is None and self.error is None:
-                    self.error = ("not built: install with `pip install --no-build-isolation -e .` (needs a C++ "
-                                  f"compiler), or set {JIT_ENV}=1 to compile it from csrc/ on first use")
+                    self.error = native_build.not_built_reason()
                 self._decided = True
         return self.error
 
@@ -70,36 +69,6 @@ def _load_built() -> Optional[str]:
         return None
     torch.ops.load_library(path)
     return path
-
-
-def _build_settings():
-    """csrc/build_native.py, the one place that lists the sources and compiler flags."""
-    spec = importlib.util.spec_from_file_location("build_native", os.path.join(_SOURCE_DIR, "build_native.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _load_jit() -> Optional[str]:
-    if os.environ.get(JIT_ENV) != "1":
-        return None
-    if not os.path.isdir(_SOURCE_DIR):
-        raise RuntimeError(f"{JIT_ENV}=1 but the sources are not here ({_SOURCE_DIR}): JIT needs a source checkout")
-    from torch.utils import cpp_extension
-
-    settings = _build_settings()
-    with_cuda = torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
-    sources = settings.CPU_SOURCES + (settings.CUDA_SOURCES if with_cuda else [])
-    cpp_extension.load(
-        name="fused_lagrangian_native",
-        sources=[os.path.join(_SOURCE_DIR, s) for s in sources],
-        extra_cflags=settings.CXX_FLAGS,
-        extra_cuda_cflags=settings.NVCC_FLAGS,
-        extra_ldflags=["-fopenmp"],
-        with_cuda=with_cuda,
-        is_python_module=False,
-    )
-    return f"JIT build of {_SOURCE_DIR}"
 
 
 def _register_fake() -> None:

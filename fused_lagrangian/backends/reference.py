@@ -8,7 +8,6 @@ argument layout.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -49,10 +48,10 @@ def fused_step(
             flags = PrimalFlag(primal_flags[i])
             grad = grads[i] if inv_scale is None else grads[i] * inv_scale
             if algorithm == Algorithm.ADAM:
-                _in_fp32(_adam, param, grad, exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i],
-                         step=steps[i], hp=hp, flags=flags)
+                _in_math_dtype(_adam, param, grad, exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i],
+                               step=steps[i], hp=hp, flags=flags)
             else:
-                _in_fp32(_sgd, param, grad, exp_avgs[i], hp=hp, flags=flags)
+                _in_math_dtype(_sgd, param, grad, exp_avgs[i], hp=hp, flags=flags)
         for j, lam in enumerate(multipliers):
             hp = dual_hparams[j * DUAL_HPARAMS : (j + 1) * DUAL_HPARAMS]
             stats[j] = _dual_ascent(lam, dual_states[j], ids[j], violations[j], hp, DualFlag(dual_flags[j]))
@@ -64,13 +63,18 @@ def _floats(hparams) -> list[float]:
     return hparams.tolist() if isinstance(hparams, Tensor) else [float(h) for h in hparams]
 
 
-def _in_fp32(update, param: Tensor, grad: Tensor, *state: Tensor, **kwargs) -> None:
-    """Runs ``update`` on fp32 views: in place for fp32 tensors, on fp32 copies written back otherwise."""
+_OWN_PRECISION = (torch.float64, torch.complex64, torch.complex128)
+
+
+def _in_math_dtype(update, param: Tensor, grad: Tensor, *state: Tensor, **kwargs) -> None:
+    """Runs ``update`` in fp32 for fp32/bf16/fp16 (as torch's fused kernels), in the tensor's own dtype for
+    float64 and complex ones (as torch.optim): in place when the tensors have that dtype, else on copies."""
+    math_dtype = param.dtype if param.dtype in _OWN_PRECISION else torch.float32
     tensors = (param, grad, *state)
-    if all(t.dtype == torch.float32 or t.numel() == 0 for t in tensors):
+    if all(t.dtype == math_dtype or t.numel() == 0 for t in tensors):
         update(*tensors, **kwargs)
         return
-    copies = [t.float() for t in tensors]
+    copies = [t.to(math_dtype) for t in tensors]
     update(*copies, **kwargs)
     for original, updated in zip((param, *state), (copies[0], *copies[2:])):
         original.copy_(updated)
@@ -86,11 +90,14 @@ def _adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, step, hp, flags) 
             param.mul_(1 - lr * weight_decay)
         else:
             grad = grad.add(param, alpha=weight_decay)
+    if param.is_complex():  # torch.optim.Adam: weight decay in complex arithmetic, the rest on real views
+        param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq = map(
+            torch.view_as_real, (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq))
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     step_value = step.item()
     bias_correction1 = 1 - beta1**step_value
-    bias_correction2_sqrt = math.sqrt(1 - beta2**step_value)
+    bias_correction2_sqrt = (1 - beta2**step_value) ** 0.5  # as torch.optim.Adam (not math.sqrt): bitwise in float64
     second_moment = exp_avg_sq
     if flags & PrimalFlag.AMSGRAD:
         torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)

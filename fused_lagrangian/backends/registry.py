@@ -1,10 +1,12 @@
-"""The table of backends: each backend module registers a ``Backend`` entry here, and ``resolve`` is the
-one place that decides which backend runs on a device (for the step and for the loss-term ops alike).
+"""The table of backends: each backend module registers a ``Backend`` entry here, and ``resolve`` decides
+which one runs on a device.  Its own module, so that the backend modules import it without importing the
+package that imports them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -30,6 +32,14 @@ class Backend:
 _REGISTRY: dict[str, Backend] = {}
 
 
+class BackendFallbackWarning(UserWarning):
+    """"auto" found no fast backend on a device that should have one and runs the reference step."""
+
+
+# Device types already warned about: one warning per process, however many optimizers or steps.
+_WARNED_FALLBACK: set[str] = set()
+
+
 def register(backend: Backend) -> None:
     _REGISTRY[backend.name] = backend
 
@@ -44,14 +54,13 @@ def unavailable_reason(name: str, device_type: str) -> Optional[str]:
     return _REGISTRY[name].unavailable_reason(device_type)
 
 
+# (name, device type) -> resolved backend: decided once, the probes load libraries and cost more than a
+# small step; the one place that decides, for the step and the loss-term op alike.
 _RESOLVED: dict[tuple[str, str], str] = {}
 
 
 def resolve(name: str, device: torch.device) -> str:
-    """The concrete backend name for ``name`` ("auto" or a backend) on ``device``; raises if it cannot run.
-
-    Decided once per (name, device type): the probes load libraries and cost more than a small step.
-    """
+    """The concrete backend name for ``name`` ("auto" or a backend) on ``device``; raises if it cannot run."""
     key = (name, device.type)
     resolved = _RESOLVED.get(key)
     if resolved is None:
@@ -63,6 +72,8 @@ def _resolve(name: str, device: torch.device) -> str:
     if name == "auto":
         for candidate in AUTO_PREFERENCE.get(device.type, ("reference",)):
             if candidate in _REGISTRY and unavailable_reason(candidate, device.type) is None:
+                if candidate == "reference":
+                    _warn_fallback(device.type)
                 return candidate
         return "reference"
     reason = unavailable_reason(name, device.type)
@@ -71,11 +82,21 @@ def _resolve(name: str, device: torch.device) -> str:
     return name
 
 
+def _warn_fallback(device_type: str) -> None:
+    fast = [name for name in AUTO_PREFERENCE.get(device_type, ()) if name != "reference" and name in _REGISTRY]
+    if not fast or device_type in _WARNED_FALLBACK:
+        return
+    _WARNED_FALLBACK.add(device_type)
+    reasons = "; ".join(f"{name}: {unavailable_reason(name, device_type)}" for name in fast)
+    warnings.warn(f"fused_lagrangian: no fast backend for {device_type} tensors, so every step runs the plain-PyTorch "
+                  f"reference (several times slower). {reasons}. `fused-lagrangian info` shows the details; "
+                  "backend='reference' asks for the reference explicitly and silences this warning.",
+                  BackendFallbackWarning, stacklevel=4)
+
+
 def build_status(name: str) -> str:
     return _REGISTRY[name].build_status()
 
 
 def fused_step_of(name: str) -> Callable:
     return _REGISTRY[name].load_fused_step()
-
-

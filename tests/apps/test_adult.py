@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fused_lagrangian.data.adult import NUMERIC_COLUMNS, AdultData, load_adult
+from fused_lagrangian_apps.datasets.adult import NUMERIC_COLUMNS, AdultData, load_adult
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fused_lagrangian.data.synthetic import SyntheticData, make_synthetic
+from fused_lagrangian_apps.datasets.synthetic import SyntheticData, make_synthetic
 
 NUM_ROWS = 100_000
 

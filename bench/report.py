@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+from . import targets
 from .contention import QUIET_FRACTION
 from .runner import AGREEMENT_STEPS
 
@@ -78,8 +79,12 @@ def _percent(value) -> str:
     return "–" if value is None else f"{100 * value:.0f}%"
 
 
+def _marked(verdict: str) -> str:
+    return "**MISSED**" if verdict == "MISSED" else verdict
+
+
 def targets_table(found: list[dict]) -> list[str]:
-    """One row per (target, case), one column per candidate: the value and met / MISSED."""
+    """One row per (target, case), one column per candidate: the value and met / MISSED / not a target."""
     if not found:
         return ["(no target applies to this run)"]
     names = ordered({t["candidate"] for t in found})
@@ -91,7 +96,7 @@ def targets_table(found: list[dict]) -> list[str]:
     lines = ["| target | case | needs | " + " | ".join(names) + " | note |", "|---" * (len(names) + 4) + "|"]
     for (name, case, needs, note), by_candidate in rows.items():
         cells = ["–" if n not in by_candidate else
-                 f"{by_candidate[n]['value']:.2f} {'met' if by_candidate[n]['met'] else '**MISSED**'}" for n in names]
+                 f"{by_candidate[n]['value']:.2f} {_marked(targets.verdict(by_candidate[n]))}" for n in names]
         lines.append(f"| {name} | {case} | {needs} | " + " | ".join(cells) + f" | {note} |")
     return lines
 

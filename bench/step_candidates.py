@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import LagrangianAdam, LagrangianSGD
+from fused_lagrangian import LagrangianAdam, LagrangianSGD
 from .problems import DUAL_LR, LR, MOMENTUM, FlatProblem, StepData
 
 try:

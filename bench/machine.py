@@ -8,7 +8,7 @@ from importlib import metadata
 
 import torch
 
-from .. import __version__, backends
+from fused_lagrangian import __version__, backends
 
 
 def _cpu_model() -> str:

@@ -6,7 +6,7 @@ import json
 import matplotlib.image
 import pytest
 
-from fused_lagrangian import cli, demo
+from fused_lagrangian_apps import cli, demo
 
 METRICS = ("accuracy", "positive_rate", "dp_gap", "eo_gap", "max_violation", "groups_violated",
            "worst_group_error", "smallest_group_size", "feasible")

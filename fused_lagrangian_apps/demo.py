@@ -43,8 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import fairness
-from .optim import LagrangianAdam
+from fused_lagrangian import fairness
+from fused_lagrangian import LagrangianAdam
 
 GROUP_KEYS = ("race", "sex", "age", "marital", "education")
 DEFAULT_PENALTIES = (1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
@@ -77,14 +77,14 @@ class Problem:
 
 def load_problem(args: argparse.Namespace) -> Problem:
     if args.dataset == "adult":
-        from .data import load_adult
+        from .datasets import load_adult
 
         data = load_adult(group_by=args.groups)
         problem = Problem(f"UCI Adult, groups {' x '.join(args.groups)}", data.x_train, data.y_train,
                           data.g_train, data.x_test, data.y_test, data.g_test, data.group_names, data.num_groups,
                           constrained=torch.zeros(0, dtype=torch.bool))
     else:
-        from .data import make_synthetic
+        from .datasets import make_synthetic
 
         train, test = make_synthetic(args.rows, seed=args.seed).train_test_split(0.2)
         problem = Problem(f"synthetic, {args.rows:,} rows", train.x, train.y, train.g, test.x, test.y, test.g,

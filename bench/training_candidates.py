@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import LagrangianAdam
+from fused_lagrangian import LagrangianAdam
 from .problems import DUAL_LR, LR, TrainingData
 
 try:

@@ -1,6 +1,6 @@
 """Benchmarks: fused_lagrangian against what users would pick instead, on identical tensors.
 
-    fused-lagrangian bench [--quick] [--out DIR]        (or: python -m fused_lagrangian.benchmarks)
+    fused-lagrangian bench [--quick] [--out DIR]        (or, from a source checkout: python -m bench)
 
 writes ``results.json``, ``results.md`` and PNG plots to DIR.  Candidates: every available fused
 backend, cooper-optim 1.0.1, hand-written PyTorch, torch's fused optimizer alone (the floor) and an
@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from .. import backends
+from fused_lagrangian import backends
 from . import machine, plots, report, targets
 from .contention import QUIET_FRACTION, QuietPolicy
 from .problems import FlatProblem, StepData, TrainingData, TrainingProblem

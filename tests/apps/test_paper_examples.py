@@ -1,4 +1,4 @@
-"""The position paper's examples (fused_lagrangian.examples) against their closed forms and published outcomes.
+"""The position paper's examples (fused_lagrangian_apps.paper_examples) against their closed forms and published outcomes.
 
 Concave example: the Lagrangian run reaches x* = arcsin ε and λ* = ε/√(1−ε²); every fixed penalty ends at
 an end of [0, π/2].  Rate example: the Lagrangian run predicts class 0 for 70% of the points (within one
@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from fused_lagrangian import examples
+from fused_lagrangian_apps import paper_examples as examples
 
 
 @pytest.mark.parametrize("epsilon", examples.CONCAVE_EPSILONS)
