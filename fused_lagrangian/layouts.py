@@ -116,6 +116,8 @@ def _fit_as_they_are(primal: tuple, algorithm: int) -> bool:
     Whole-list checks with ``map`` over tensor methods: this runs at every step, and a Python loop with
     several attribute reads per tensor costs about twice as much.
     """
+    if torch.compiler.is_compiling():
+        return _fit_as_they_are_traced(primal, algorithm)
     params, grads = primal[0], primal[1]
     if not all(map(KERNEL_DTYPES.__contains__, map(_DTYPE, params))):
         return False
@@ -130,6 +132,20 @@ def _fit_as_they_are(primal: tuple, algorithm: int) -> bool:
                 got != wanted and state.numel() for got, wanted, state in zip(state_strides, strides, states)):
             return False
     return len(set(map(id, params))) == len(params)
+
+
+def _fit_as_they_are_traced(primal: tuple, algorithm: int) -> bool:
+    """``_fit_as_they_are`` in plain loops, which torch.compile traces (it cannot trace ``attrgetter``); a
+    compiled step runs it once per compilation, then guards on the tensors' metadata."""
+    params, grads = primal[0], primal[1]
+    for i, param in enumerate(params):
+        if param.dtype not in KERNEL_DTYPES or not is_dense(param) or grads[i].stride() != param.stride():
+            return False
+        if any(state[i].numel() and state[i].stride() != param.stride() for state in _state_lists(primal, algorithm)):
+            return False
+        if any(param is other for other in params[:i]):
+            return False
+    return True
 
 
 def is_dense(tensor: Tensor) -> bool:
