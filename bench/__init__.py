@@ -22,10 +22,13 @@ import torch
 from fused_lagrangian import backends
 from . import machine, plots, report, targets
 from .contention import QUIET_FRACTION, QuietPolicy
-from .problems import FlatProblem, StepData, TrainingData, TrainingProblem
+from .block_call_candidates import block_call_candidates
+from .problems import (BlockCallProblem, FlatProblem, SmallModelData, SmallModelProblem, StepData, TrainingData,
+                       TrainingProblem)
 from .runner import run_case
 from .step_candidates import flat_candidates, step_candidates
 from .sweeps import SWEEPS, Case, cases
+from .small_model_candidates import small_model_candidates
 from .training_candidates import training_candidates
 
 QUICK = dict(repetitions=7, sample_seconds=0.03)
@@ -69,6 +72,12 @@ def run_cases(selected: Iterable[Case], out_dir: str, *, repetitions: int, sampl
         for number, case in enumerate(selected, 1):
             if isinstance(case.problem, TrainingProblem):
                 factories = training_candidates(TrainingData(case.problem, device), names)
+                bytes_per_step = None
+            elif isinstance(case.problem, BlockCallProblem):
+                factories = block_call_candidates(case.problem, device, names)
+                bytes_per_step = None
+            elif isinstance(case.problem, SmallModelProblem):
+                factories = small_model_candidates(SmallModelData(case.problem, device), names)
                 bytes_per_step = None
             elif isinstance(case.problem, FlatProblem):
                 factories = flat_candidates(case.problem, device, names)
