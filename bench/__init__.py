@@ -91,9 +91,11 @@ def run_cases(selected: Iterable[Case], out_dir: str, *, repetitions: int, sampl
             results["cases"].append(record)
             log(f"[{number}/{len(selected)}] {case.sweep}: {report.case_label(record)} ({record['wall_s']:.1f} s"
                 f"{report.contention_note(record)})")
+            width = max(18, *(len(name) for name in record["results"]))
             for name in report.ordered(record["results"]):
                 entry = record["results"][name]
-                log(f"    {name:<18} {entry['median_s'] * 1e3:10.3f} ms  x{entry['ratio_to_torch_fused'] or 0:.2f}")
+                ratio = entry["ratio_to_torch_fused"]  # None where a case has no floor (the block call)
+                log(f"    {name:<{width}} {entry['median_s'] * 1e3:10.3f} ms" + (f"  x{ratio:.2f}" if ratio else ""))
     finally:
         torch.set_num_threads(threads)
     results["load_average_end"] = machine.load_average()

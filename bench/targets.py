@@ -133,7 +133,7 @@ def _block_call_targets(records: list[dict]) -> list[dict]:
         smallest, largest = min(config["num_groups"]), max(config["num_groups"])
         for variant in ("forward+backward", "forward"):
             case = (f"grouped block call ({variant}) K={largest:.0e} vs {smallest:.0e} in one interleaved run, "
-                    f"B={config['batch']}")
+                    f"B={config['batch']}, {record['threads']} thread(s)")
             for name in sorted({n.partition(" @")[0] for n in results if n.startswith("fused:")}):
                 at_smallest, at_largest = f"{name} @K={smallest:.0e} {variant}", f"{name} @K={largest:.0e} {variant}"
                 if at_smallest in results and at_largest in results:
@@ -152,7 +152,7 @@ def _small_model_targets(records: list[dict]) -> list[dict]:
         config, results = record["config"], record["results"]
         groups = " and ".join(map(str, config["group_counts"]))
         case = (f"{config['model']} BCE step, B={config['batch']}, grouped blocks of {groups} groups vs "
-                "no blocks, LagrangianAdam")
+                f"no blocks, LagrangianAdam, {record['threads']} thread(s)")
         # torch's own Adam steps on the same model, for scale (the same for every backend's row).
         note = ", ".join(f"{name} {_median(record, name) * 1e3:.3f} ms" for name in ("torch_fused", "torch_adam")
                          if name in results)
