@@ -26,9 +26,9 @@ from .block_call_candidates import block_call_candidates
 from .problems import (BlockCallProblem, FlatProblem, SmallModelData, SmallModelProblem, StepData, TrainingData,
                        TrainingProblem)
 from .runner import run_case
+from .small_model_candidates import small_model_candidates
 from .step_candidates import flat_candidates, step_candidates
 from .sweeps import SWEEPS, Case, cases
-from .small_model_candidates import small_model_candidates
 from .training_candidates import training_candidates
 
 QUICK = dict(repetitions=7, sample_seconds=0.03)
