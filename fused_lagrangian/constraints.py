@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Optional, Union
 import torch
 from torch import Tensor
 
-from .contract import DualFlag
+from .contract import DualFlag, dual_state_rows
 from .memory import constraint_state
 from .ops import lagrangian_term
 
@@ -31,6 +31,7 @@ KINDS = ("dense", "indexed", "grouped")
 SENSES = {"<=": 1.0, ">=": -1.0, "==": 1.0}
 FORMULATIONS = ("lagrangian", "augmented", "penalty", "quadratic")
 DUAL_RULES = ("ascent", "nupi")
+ESTIMATORS = ("batch", "running")
 ORDERINGS = ("simultaneous", "dual_first")
 NONFINITE_POLICIES = ("raise", "skip")
 
@@ -62,6 +63,10 @@ class ConstraintSpec:
     to_overall: bool = False
     nonfinite: str = "raise"
     init: float = 0.0
+    # What the dual rule reads as g_k: this step's batch estimate, or a running (exponentially weighted,
+    # decay ``estimate_decay`` per step in which the constraint is observed) ratio estimate S_k / N_k.
+    estimator: str = "batch"
+    estimate_decay: float = 0.99
 
     def __post_init__(self) -> None:
         def check(ok: bool, message: str) -> None:
@@ -83,6 +88,14 @@ class ConstraintSpec:
         check(math.isfinite(self.init), "init must be finite")
         check(self.sense != "==" or not self.restart_on_feasible, "restart_on_feasible needs an inequality")
         self.num_constraints = int(self.num_constraints)
+        self._check_estimator(check)
+
+    def _check_estimator(self, check) -> None:
+        check(self.estimator in ESTIMATORS, f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        check(0.0 <= self.estimate_decay < 1.0, f"estimate_decay must be in [0, 1), got {self.estimate_decay!r}")
+        check(self.estimator == "batch" or self.kind != "indexed",
+              "estimator='running' pools a group's samples over steps; indexed blocks have one constraint per "
+              "sample and sum its duplicates, so they take estimator='batch'")
 
     @property
     def is_equality(self) -> bool:
@@ -103,12 +116,15 @@ class ConstraintSpec:
             flags |= DualFlag.RESTART
         if self.formulation in ("penalty", "quadratic"):
             flags |= DualFlag.FROZEN
+        elif self.estimator == "running":
+            flags |= DualFlag.RUNNING
         return int(flags)
 
     @property
     def dual_hparams(self) -> list[float]:
         lower = -self.max_multiplier if self.is_equality else 0.0
-        return [self.dual_lr, self.kp, self.ki, self.nu, self.damping, lower, self.max_multiplier]
+        return [_as_float(self.dual_lr), self.kp, self.ki, self.nu, self.damping, lower, self.max_multiplier,
+                self.estimate_decay]
 
 
 class ConstraintBlock:
@@ -121,7 +137,7 @@ class ConstraintBlock:
         self.multipliers = constraint_state(k, float(spec.init), device)
         if not spec.is_equality:
             self.multipliers.clamp_(0.0, spec.max_multiplier)
-        self.dual_state = constraint_state(k if spec.dual_rule == "nupi" else 0, 0.0, device)
+        self.dual_state = _dual_state(spec, device)
         self._bound = spec.bound.to(device=device, dtype=torch.float32) if isinstance(spec.bound, Tensor) else float(spec.bound)
         if isinstance(self._bound, Tensor) and self._bound.shape != (k,):
             raise ValueError(f"constraint block {spec.name!r}: bound must be a float or have shape ({k},)")
@@ -344,13 +360,43 @@ class ConstraintBlock:
             if state[key] != getattr(self.spec, key):
                 raise ValueError(f"constraint block {self.name!r}: checkpoint has {key}={state[key]!r}, "
                                  f"this block has {getattr(self.spec, key)!r}")
-        if state["dual_state"].shape != self.dual_state.shape:
-            raise ValueError(f"constraint block {self.name!r}: checkpoint dual state does not match the dual rule")
+        dual_state = _dual_state_from_checkpoint(self, state["dual_state"])
         # copy_ keeps the block's device and tensor identity (map_location="cpu" checkpoints load on GPU too).
         self.multipliers.copy_(state["multipliers"])
-        self.dual_state.copy_(state["dual_state"])
+        self.dual_state.copy_(dual_state)
         self.nonfinite_skipped = int(state["nonfinite_skipped"])
         self.discard_pending()
+
+
+def _dual_state(spec: ConstraintSpec, device: torch.device) -> Tensor:
+    """Zeros in contract.py's dual-state layout: (K,) for one row (nuPI alone), (rows, K) for more."""
+    rows, _ = dual_state_rows(spec.dual_flags & ~DualFlag.FROZEN)
+    k = spec.num_constraints
+    state = constraint_state(rows * k, 0.0, device)
+    return state.view(rows, k) if rows > 1 else state
+
+
+def _dual_state_from_checkpoint(block: ConstraintBlock, saved: Tensor) -> Tensor:
+    """``saved`` in this block's layout.  Checkpoints from before the running estimator hold a (K,) nuPI
+    state or none: their xi fills the xi row, running estimates start empty (S = N = 0)."""
+    current = block.dual_state
+    if saved.shape == current.shape:
+        return saved
+    flags = block.spec.dual_flags
+    k = block.spec.num_constraints
+    legacy = saved.numel() == 0 or (saved.shape == (k,) and flags & DualFlag.NUPI)
+    if not (legacy and flags & DualFlag.RUNNING):
+        raise ValueError(f"constraint block {block.name!r}: checkpoint dual state {tuple(saved.shape)} does not "
+                         f"match this block's dual rule and estimator {tuple(current.shape)}")
+    upgraded = torch.zeros_like(current)
+    if saved.numel():
+        upgraded[0].copy_(saved)
+    return upgraded
+
+
+def _as_float(value) -> float:
+    # A tensor dual_lr (driven by a scheduler, see schedules.py) is read at every step, never cached.
+    return float(value.item()) if isinstance(value, Tensor) else float(value)
 
 
 def _finite(values: Tensor) -> bool:
