@@ -35,7 +35,7 @@ OVER_SATISFIED = 0.02  # how far below the bound the tightest constraint may end
 
 @dataclasses.dataclass
 class RareGroups:
-    x: torch.Tensor  # (N, d + K): features and the group's one-hot
+    x: torch.Tensor  # (N, d) features, (N, d + K) with the group's one-hot
     y: torch.Tensor  # (N,) 0/1 labels
     group: torch.Tensor  # (N,) int64
 
@@ -44,8 +44,9 @@ class RareGroups:
         return len(GROUP_SHARES)
 
 
-def rare_groups(seed: int = 0, num_rows: int = 40_000, num_features: int = 8) -> RareGroups:
-    """Gaussian features shifted per group, labels from a logistic model with a per-group offset."""
+def rare_groups(seed: int = 0, num_rows: int = 60_000, num_features: int = 8, group_aware: bool = False) -> RareGroups:
+    """Gaussian features shifted per group, labels from a logistic model with a per-group offset; the
+    model sees the group only through the features (``group_aware`` adds its one-hot)."""
     g = torch.Generator().manual_seed(1000 + seed)
     k = len(GROUP_SHARES)
     group = torch.multinomial(torch.tensor(GROUP_SHARES), num_rows, replacement=True, generator=g)
@@ -54,7 +55,7 @@ def rare_groups(seed: int = 0, num_rows: int = 40_000, num_features: int = 8) ->
     w = torch.randn(num_features, generator=g)
     offset = torch.linspace(-1.5, 0.0, k)[torch.randperm(k, generator=g)]
     y = torch.bernoulli(torch.sigmoid(features @ w * 0.7 + offset[group]), generator=g)
-    x = torch.cat([features, torch.nn.functional.one_hot(group, k).float()], dim=1)
+    x = torch.cat([features, torch.nn.functional.one_hot(group, k).float()], dim=1) if group_aware else features
     return RareGroups(x, y, group)
 
 
