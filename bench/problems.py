@@ -252,3 +252,9 @@ class SmallModelData:
 
     def batch(self, step: int) -> tuple[Tensor, Tensor, list[Tensor]]:
         return self.batches[step % NUM_BATCHES]
+
+
+# Projected ascent on this batch's estimate: the dual update that the hand-written and Cooper baselines
+# compute, so that every candidate times the same work (grouped blocks default to a running estimate
+# with nuPI, which those baselines do not implement).
+PLAIN_ASCENT = {"dual_rule": "ascent", "estimator": "batch"}

@@ -9,28 +9,14 @@ against the same step without them, and against torch's Adam for reference.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fused_lagrangian import ConstraintSpec, LagrangianAdam
-from .problems import DUAL_LR, LR, SmallModelData
+from fused_lagrangian import LagrangianAdam
+from .problems import DUAL_LR, LR, PLAIN_ASCENT, SmallModelData
 
 NO_BLOCKS = " @no blocks"
-
-
-def plain_ascent_options() -> dict:
-    """Projected ascent on this batch's group means: the dual update the hand-written oracle computes.
-
-    Versions of the library that default grouped blocks to a running estimate with nuPI take
-    ``estimator``; it is asked for only where the library knows it, so the sweep runs on either.
-    """
-    options = {"dual_rule": "ascent"}
-    if "estimator" in {field.name for field in dataclasses.fields(ConstraintSpec)}:
-        options["estimator"] = "batch"
-    return options
 
 
 class SmallModelCandidate:
@@ -71,7 +57,7 @@ class FusedConstrained(SmallModelCandidate):
         self.blocks = [
             self.optimizer.add_constraint(f"parity{j}", kind="grouped", num_constraints=count,
                                           bound=data.problem.epsilon, dual_lr=DUAL_LR, to_overall=True,
-                                          **plain_ascent_options())
+                                          **PLAIN_ASCENT)
             for j, count in enumerate(data.problem.group_counts)
         ]
 
