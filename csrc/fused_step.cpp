@@ -134,9 +134,9 @@ void check_step_arguments(const StepArguments& args, c10::Device device) {
 TORCH_LIBRARY(fused_lagrangian, m) {
   m.def(
       "fused_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, float[] primal_hparams, int[] primal_flags, "
+      "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, Tensor primal_hparams, int[] primal_flags, "
       "int algorithm, Tensor(f!)[] multipliers, Tensor(g!)[] dual_states, Tensor[] ids, Tensor[] violations, "
-      "float[] dual_hparams, int[] dual_flags, Tensor? grad_scale=None, Tensor? found_inf=None) -> Tensor");
+      "Tensor dual_hparams, int[] dual_flags, Tensor? grad_scale=None, Tensor? found_inf=None) -> Tensor");
 }
 
 // The step is not differentiable (optimizers run it under no_grad): autograd passes it straight to

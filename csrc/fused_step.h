@@ -27,7 +27,7 @@ struct StepArguments {
   bool is_adam() const { return algorithm == kAdam; }
   // The optional state a tensor (block) has, given its flags and hyperparameters.
   bool has_momentum_buffer(int64_t tensor) const {
-    return !is_adam() && primal_hparams[tensor * kPrimalHparams + 1] != 0.0;
+    return !is_adam() && primal_hparams[tensor * kPrimalHparams + primal_slot::kBeta1] != 0.0;  // momentum
   }
   bool has_max_exp_avg_sq(int64_t tensor) const { return is_adam() && (primal_flags[tensor] & kAmsgrad); }
   // Rows of the block's dual state the step reads (contract.py): 0 for FROZEN blocks.
@@ -37,6 +37,15 @@ struct StepArguments {
     return ((flags & kNupi) ? 1 : 0) + ((flags & kRunning) ? 2 : 0);
   }
 };
+
+// Hyperparameters travel as 1-D float64 CPU tensors (contract.py): a scheduler's tensor lr is stacked
+// into them without a host read, so a compiled step does not recompile when it changes.  Checked here.
+inline c10::ArrayRef<double> host_hparams(const at::Tensor& hparams, const char* what) {
+  TORCH_CHECK(hparams.device().is_cpu() && hparams.scalar_type() == at::kDouble && hparams.dim() == 1 &&
+                  hparams.is_contiguous(),
+              "fused_step: ", what, " must be a contiguous 1-D float64 CPU tensor");
+  return c10::ArrayRef<double>(hparams.const_data_ptr<double>(), hparams.numel());
+}
 
 // Throws (TORCH_CHECK) on any inconsistency: list lengths, dtypes, sizes, strides, devices.  Ids are
 // the kernels' business: the CPU kernel range-checks them, the CUDA kernel skips those out of range

@@ -302,12 +302,12 @@ std::vector<PrimalEntry> primal_entries(const StepArguments& a) {
       // The step count advances first: bias corrections use the new value, as torch.optim does.
       float* step = a.steps[i].data_ptr<float>();
       *step += 1.0f;
-      const bool decay = hp[4] != 0.0;
+      const bool decay = hp[primal_slot::kWeightDecay] != 0.0;
       e.adam_options = {a.has_max_exp_avg_sq(i), decay && !(flags & kDecoupledWeightDecay),
                         decay && (flags & kDecoupledWeightDecay)};
       e.adam = adam_coefficients(hp, maximize, static_cast<double>(*step));
     } else {
-      e.sgd_options = {hp[4] != 0.0, a.has_momentum_buffer(i), bool(flags & kFirstMomentumStep),
+      e.sgd_options = {hp[primal_slot::kWeightDecay] != 0.0, a.has_momentum_buffer(i), bool(flags & kFirstMomentumStep),
                        bool(flags & kNesterov)};
       e.sgd = sgd_coefficients(hp, maximize);
     }
@@ -328,15 +328,28 @@ std::vector<WorkItem> chunk_tensors(at::TensorList params) {
 
 at::Tensor fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                           at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
-                          c10::ArrayRef<double> primal_hparams, c10::ArrayRef<int64_t> primal_flags,
+                          const at::Tensor& primal_hparams, c10::ArrayRef<int64_t> primal_flags,
                           int64_t algorithm, at::TensorList multipliers, at::TensorList dual_states,
-                          at::TensorList ids, at::TensorList violations, c10::ArrayRef<double> dual_hparams,
+                          at::TensorList ids, at::TensorList violations, const at::Tensor& dual_hparams,
                           c10::ArrayRef<int64_t> dual_flags, const std::optional<at::Tensor>& grad_scale,
                           const std::optional<at::Tensor>& found_inf) {
-  const StepArguments args{params,      grads,        exp_avgs,   exp_avg_sqs,  max_exp_avg_sqs,
-                           steps,       primal_hparams, primal_flags, algorithm, multipliers,
-                           dual_states, ids,          violations, dual_hparams, dual_flags,
-                           grad_scale,  found_inf};
+  const StepArguments args{params,
+                           grads,
+                           exp_avgs,
+                           exp_avg_sqs,
+                           max_exp_avg_sqs,
+                           steps,
+                           host_hparams(primal_hparams, "primal_hparams"),
+                           primal_flags,
+                           algorithm,
+                           multipliers,
+                           dual_states,
+                           ids,
+                           violations,
+                           host_hparams(dual_hparams, "dual_hparams"),
+                           dual_flags,
+                           grad_scale,
+                           found_inf};
   check_step_arguments(args, c10::Device(c10::kCPU));
   for (int64_t j = 0; j < args.num_blocks(); ++j) {
     if (ids[j].scalar_type() == at::kInt) {
@@ -363,7 +376,7 @@ at::Tensor fused_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
                                         multipliers[j].numel(), dual_flags[j]),
                     ids[j].const_data_ptr(), ids[j].scalar_type() == at::kInt,
                     violations[j].const_data_ptr<float>(), n, multipliers[j].numel(),
-                    dual_coefficients(dual_hparams.data() + j * kDualHparams, dual_flags[j]),
+                    dual_coefficients(args.dual_hparams.data() + j * kDualHparams, dual_flags[j]),
                     stats.data_ptr<float>() + j * kStatsColumns});
   }
   const std::vector<WorkItem> chunks = chunk_tensors(params);

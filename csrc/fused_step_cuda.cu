@@ -96,15 +96,28 @@ c10::Device step_device(const StepArguments& a) {
 
 at::Tensor fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                            at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
-                           c10::ArrayRef<double> primal_hparams, c10::ArrayRef<int64_t> primal_flags,
+                           const at::Tensor& primal_hparams, c10::ArrayRef<int64_t> primal_flags,
                            int64_t algorithm, at::TensorList multipliers, at::TensorList dual_states,
-                           at::TensorList ids, at::TensorList violations, c10::ArrayRef<double> dual_hparams,
+                           at::TensorList ids, at::TensorList violations, const at::Tensor& dual_hparams,
                            c10::ArrayRef<int64_t> dual_flags, const std::optional<at::Tensor>& grad_scale,
                            const std::optional<at::Tensor>& found_inf) {
-  const StepArguments args{params,      grads,        exp_avgs,   exp_avg_sqs,  max_exp_avg_sqs,
-                           steps,       primal_hparams, primal_flags, algorithm, multipliers,
-                           dual_states, ids,          violations, dual_hparams, dual_flags,
-                           grad_scale,  found_inf};
+  const StepArguments args{params,
+                           grads,
+                           exp_avgs,
+                           exp_avg_sqs,
+                           max_exp_avg_sqs,
+                           steps,
+                           host_hparams(primal_hparams, "primal_hparams"),
+                           primal_flags,
+                           algorithm,
+                           multipliers,
+                           dual_states,
+                           ids,
+                           violations,
+                           host_hparams(dual_hparams, "dual_hparams"),
+                           dual_flags,
+                           grad_scale,
+                           found_inf};
   const c10::Device device = step_device(args);
   check_step_arguments(args, device);
   const c10::cuda::CUDAGuard guard(device);

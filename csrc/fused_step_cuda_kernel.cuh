@@ -114,7 +114,7 @@ __device__ void update_chunk(const TensorDescriptor& t, int64_t begin, int64_t e
   T* exp_avg = static_cast<T*>(t.exp_avg);
   T* exp_avg_sq = static_cast<T*>(t.exp_avg_sq);
   T* max_exp_avg_sq = static_cast<T*>(t.max_exp_avg_sq);
-  const bool decay = t.hparams[4] != 0.0;
+  const bool decay = t.hparams[primal_slot::kWeightDecay] != 0.0;
   const AdamOptions adam_options{(t.flags & kAmsgrad) != 0, decay && !(t.flags & kDecoupledWeightDecay),
                                  decay && (t.flags & kDecoupledWeightDecay)};
   const SgdOptions sgd_options{decay, t.has_momentum_buffer != 0, (t.flags & kFirstMomentumStep) != 0,

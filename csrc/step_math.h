@@ -24,10 +24,18 @@
 
 namespace fused_lagrangian {
 
-// Mirrors of contract.py.
+// Mirrors of contract.py (tests/test_contract.py parses them and checks they agree).
 constexpr int kPrimalHparams = 5;
 constexpr int kDualHparams = 8;
 constexpr int kStatsColumns = 3;
+
+// contract.PrimalSlot / DualSlot: where each hyperparameter sits in a tensor's (block's) values.
+namespace primal_slot {
+constexpr int kLr = 0, kBeta1 = 1, kBeta2 = 2, kEps = 3, kWeightDecay = 4;
+}  // namespace primal_slot
+namespace dual_slot {
+constexpr int kLr = 0, kKp = 1, kKi = 2, kNu = 3, kDamping = 4, kLower = 5, kUpper = 6, kDecay = 7;
+}  // namespace dual_slot
 
 enum Algorithm : int64_t { kSgd = 0, kAdam = 1 };
 
@@ -65,7 +73,8 @@ struct AdamCoefficients {
 };
 
 FL_INLINE AdamCoefficients adam_coefficients(const double* hp, bool maximize, double step) {
-  const double lr = hp[0], beta1 = hp[1], beta2 = hp[2], eps = hp[3], weight_decay = hp[4];
+  using namespace primal_slot;
+  const double lr = hp[kLr], beta1 = hp[kBeta1], beta2 = hp[kBeta2], eps = hp[kEps], weight_decay = hp[kWeightDecay];
   const double lerp_weight = 1.0 - beta1;
   const bool small_weight = std::fabs(static_cast<float>(lerp_weight)) < 0.5f;
   AdamCoefficients c;
@@ -111,7 +120,8 @@ struct SgdCoefficients {
 };
 
 FL_INLINE SgdCoefficients sgd_coefficients(const double* hp, bool maximize) {
-  const double lr = hp[0], momentum = hp[1], dampening = hp[2], weight_decay = hp[4];
+  using namespace primal_slot;
+  const double lr = hp[kLr], momentum = hp[kBeta1], dampening = hp[kBeta2], weight_decay = hp[kWeightDecay];
   return {maximize ? -1.0f : 1.0f, static_cast<float>(weight_decay), static_cast<float>(momentum),
           static_cast<float>(1.0 - dampening), static_cast<float>(-lr)};
 }
@@ -159,22 +169,23 @@ FL_INLINE DualStateRows dual_state_pointers(float* state, int64_t num_constraint
 }
 
 FL_INLINE DualCoefficients dual_coefficients(const double* hp, int64_t flags) {
+  using namespace dual_slot;
   DualCoefficients c;
-  c.lr = static_cast<float>(hp[0]);
-  c.kp = static_cast<float>(hp[1]);
-  c.ki = static_cast<float>(hp[2]);
-  c.nu = static_cast<float>(hp[3]);
-  c.one_minus_nu = static_cast<float>(1.0 - hp[3]);
-  c.damping = static_cast<float>(hp[4]);
-  c.lower = static_cast<float>(hp[5]);
-  c.upper = static_cast<float>(hp[6]);
-  c.decay = static_cast<float>(hp[7]);
+  c.lr = static_cast<float>(hp[kLr]);
+  c.kp = static_cast<float>(hp[kKp]);
+  c.ki = static_cast<float>(hp[kKi]);
+  c.nu = static_cast<float>(hp[kNu]);
+  c.one_minus_nu = static_cast<float>(1.0 - hp[kNu]);
+  c.damping = static_cast<float>(hp[kDamping]);
+  c.lower = static_cast<float>(hp[kLower]);
+  c.upper = static_cast<float>(hp[kUpper]);
+  c.decay = static_cast<float>(hp[kDecay]);
   c.mean = flags & kMean;
   c.nupi = flags & kNupi;
   c.restart = flags & kRestart;
   c.frozen = flags & kFrozen;
   c.running = (flags & kRunning) && !c.frozen;
-  c.equality = hp[5] < 0;
+  c.equality = hp[kLower] < 0;
   return c;
 }
 

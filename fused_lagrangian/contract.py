@@ -13,8 +13,9 @@ Primal side, one entry per parameter tensor ``i`` (lists aligned with ``params``
     exp_avg_sqs[i]          Adam: second moment. SGD: the list is empty
     max_exp_avg_sqs[i]      Adam: running max of the second moment (numel 0 without amsgrad). SGD: empty
     steps[i]                Adam: 0-dim float32 step count, incremented by the call. SGD: empty
-    primal_hparams          flat, PRIMAL_HPARAMS floats per tensor: lr, beta1|momentum,
-                            beta2|dampening, eps, weight_decay
+    primal_hparams          1-D float64 CPU tensor, PRIMAL_HPARAMS values per tensor: lr, beta1|momentum,
+                            beta2|dampening, eps, weight_decay (a tensor, so that a scheduler's tensor
+                            lr reaches the kernel without a host read; ``hparams_tensor`` builds it)
     primal_flags            one int per tensor, a bitmask of the PrimalFlag bits
     algorithm               Algorithm.SGD or Algorithm.ADAM
 
@@ -29,7 +30,8 @@ Dual side, one entry per constraint block ``j`` with K_j constraints:
                             with FROZEN
     ids[j]                  (B_j,) int64 constraint id of each pending sample, duplicates allowed
     violations[j]           (B_j,) fp32 per-sample violation e_i = s * (v_i - bound), already signed
-    dual_hparams            flat, DUAL_HPARAMS floats per block: lr, kp, ki, nu, damping, lower, upper,
+    dual_hparams            1-D float64 CPU tensor, DUAL_HPARAMS values per block: lr, kp, ki, nu, damping,
+                            lower, upper,
                             decay
     dual_flags              one int per block, a bitmask of the DualFlag bits
 
@@ -63,10 +65,61 @@ max(g_k, 0) for inequality blocks (lower == 0) and |g_k| for equality blocks.
 from __future__ import annotations
 
 import enum
+from typing import NamedTuple, Optional, Sequence, Union
 
-PRIMAL_HPARAMS = 5
-DUAL_HPARAMS = 8
+import torch
+from torch import Tensor
+
+
+class PrimalSlot(enum.IntEnum):
+    """Where each primal hyperparameter sits in a tensor's PRIMAL_HPARAMS values."""
+
+    LR = 0
+    BETA1 = 1  # SGD: momentum
+    BETA2 = 2  # SGD: dampening
+    EPS = 3  # SGD: unused
+    WEIGHT_DECAY = 4
+
+
+class DualSlot(enum.IntEnum):
+    """Where each dual hyperparameter sits in a block's DUAL_HPARAMS values."""
+
+    LR = 0
+    KP = 1
+    KI = 2
+    NU = 3
+    DAMPING = 4
+    LOWER = 5
+    UPPER = 6
+    DECAY = 7  # running estimator: weight of the past in S and N
+
+
+PRIMAL_HPARAMS = len(PrimalSlot)
+DUAL_HPARAMS = len(DualSlot)
 STATS_COLUMNS = 3
+
+
+class FusedStepArguments(NamedTuple):
+    """The argument layout of ``fused_step``, in order: every backend's signature and the operator schema
+    (csrc/fused_step.cpp) spell exactly these names (tests/test_contract.py checks it)."""
+
+    params: list[Tensor]
+    grads: list[Tensor]
+    exp_avgs: list[Tensor]
+    exp_avg_sqs: list[Tensor]
+    max_exp_avg_sqs: list[Tensor]
+    steps: list[Tensor]
+    primal_hparams: Tensor
+    primal_flags: list[int]
+    algorithm: int
+    multipliers: list[Tensor]
+    dual_states: list[Tensor]
+    ids: list[Tensor]
+    violations: list[Tensor]
+    dual_hparams: Tensor
+    dual_flags: list[int]
+    grad_scale: Optional[Tensor] = None
+    found_inf: Optional[Tensor] = None
 
 
 class Algorithm(enum.IntEnum):
@@ -96,3 +149,31 @@ def dual_state_rows(flags: int) -> tuple[int, int]:
     smoothed = 1 if flags & DualFlag.NUPI else 0
     running = 2 if flags & DualFlag.RUNNING else 0
     return smoothed + running, smoothed
+
+
+_FLOAT_TABLES: dict[tuple, Tensor] = {}
+
+
+def hparams_tensor(values: Union[Tensor, Sequence[Union[float, Tensor]]]) -> Tensor:
+    """The float64 CPU tensor of hyperparameters ``fused_step`` takes, from floats and 0-dim tensors.
+
+    Tensor entries (a scheduler's lr, updated in place) are copied in by tensor ops, never read on the
+    host: traced by torch.compile, a new value is data, not a recompile.
+    """
+    if isinstance(values, Tensor):
+        return values
+    positions = [i for i, value in enumerate(values) if isinstance(value, Tensor)]
+    if not positions:
+        if torch.compiler.is_compiling():
+            return torch.tensor(values, dtype=torch.float64)
+        # Eager steps pass the same floats step after step: reuse their tensor (kernels only read it).
+        key = tuple(values)
+        table = _FLOAT_TABLES.get(key)
+        if table is None:
+            if len(_FLOAT_TABLES) >= 64:
+                _FLOAT_TABLES.clear()
+            table = _FLOAT_TABLES[key] = torch.tensor(values, dtype=torch.float64)
+        return table
+    table = torch.tensor([0.0 if isinstance(value, Tensor) else value for value in values], dtype=torch.float64)
+    entries = torch.stack([values[i].detach().reshape(()).to("cpu", torch.float64) for i in positions])
+    return table.index_put_((torch.tensor(positions),), entries)

@@ -30,18 +30,44 @@ from torch import Tensor
 
 from . import backends, distributed, layouts
 from .constraints import ConstraintBlock, ConstraintSpec
-from .contract import Algorithm, PrimalFlag
+from .contract import Algorithm, FusedStepArguments, PrimalFlag, hparams_tensor
+from .formulation import LOCAL, BlockContext, Recording, Reduction
+from .validation import VALIDATION_MODES, is_deferred
 
 
 def _as_float(value) -> float:
-    # A tensor lr (updated in place by a scheduler) is read at every step, never cached.
     return float(value.item()) if isinstance(value, Tensor) else float(value)
 
 
+def _hparam(value):
+    """A hyperparameter for ``contract.hparams_tensor``: a tensor (a scheduler's lr, updated in place) stays a
+    tensor, read by the step through tensor ops at every step, never cached nor read on the host."""
+    return value if isinstance(value, Tensor) else float(value)
+
+
+class _InputErrors:
+    """Deferred checks: the sum of the error codes of the calls recorded since the last step (on the device).
+
+    A plain object rather than an optimizer attribute: torch.compile replays attribute writes made in a
+    traced block call on it (it drops them on a torch.optim.Optimizer).
+    """
+
+    def __init__(self) -> None:
+        self.code: Optional[Tensor] = None
+
+
 class LagrangianOptimizer(torch.optim.Optimizer):
-    """Base class: constraint blocks, the fused step, state_dict with multipliers, report()."""
+    """Base class: constraint blocks, the fused step, state_dict with multipliers, report().
+
+    ``validation`` ("auto", "eager" or "deferred"; settable on the instance) says when the data checks
+    of block calls (ids in range, finite values) are read on the host: "eager" in the block call,
+    "deferred" at the next ``raise_input_errors()`` / ``report()`` (or uncompiled CPU ``step()``), the
+    step skipping the whole update meanwhile; "auto" is eager on the CPU, deferred on accelerators and
+    inside torch.compile.  See ``validation.py``.
+    """
 
     algorithm: Algorithm
+    validation: str = "auto"
 
     def __init__(self, params, defaults: dict, backend: str, process_group=None) -> None:
         if defaults.get("differentiable"):
@@ -54,13 +80,17 @@ class LagrangianOptimizer(torch.optim.Optimizer):
         # torch.distributed is initialised); see distributed.py.
         self.process_group = process_group
         self.constraints: dict[str, ConstraintBlock] = {}
-        self._implementations: dict[tuple[str, str], Callable] = {}
+        self._implementations: dict[tuple[str, str], tuple[str, Callable]] = {}
+        self._input_errors = _InputErrors()
+        self._block_context = BlockContext(reduction=self._reduction, deferred_checks=self._deferred_checks,
+                                           uses_triton=self._uses_triton, recorded=self._recorded)
         # GradScaler hands us grad_scale / found_inf instead of unscaling the gradients itself.
         self._step_supports_amp_scaling = True
 
     # deepcopy and pickle: torch.optim.Optimizer keeps only defaults, state and param_groups; the blocks
     # (which refer back to this optimizer: the copy's blocks refer to the copy) and the backend travel too.
-    _PICKLED_ATTRIBUTES = ("backend", "process_group", "constraints", "_step_supports_amp_scaling")
+    _PICKLED_ATTRIBUTES = ("backend", "process_group", "constraints", "_step_supports_amp_scaling", "_input_errors",
+                           "_block_context", "validation")
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
@@ -85,8 +115,9 @@ class LagrangianOptimizer(torch.optim.Optimizer):
             raise ValueError(f"a constraint block named {name!r} already exists")
         spec = ConstraintSpec(name=name, kind=kind, num_constraints=num_constraints, sense=sense, bound=bound,
                               dual_lr=dual_lr, **options)
-        block = ConstraintBlock(self, spec, self._block_device(name, device))
+        block = ConstraintBlock(self._block_context, spec, self._block_device(name, device))
         self.constraints[name] = block
+        self._resolved(block.device)  # the backend's probes run here, outside any traced region
         return block
 
     def _default_device(self) -> torch.device:
@@ -107,12 +138,38 @@ class LagrangianOptimizer(torch.optim.Optimizer):
                              "on one device")
         return device
 
-    def _data_parallel(self) -> Optional[distributed.DataParallelGroup]:
-        return distributed.data_parallel_group(self.process_group)
+    def _reduction(self) -> Reduction:
+        return distributed.data_parallel_reduction(self.process_group) or LOCAL
+
+    def _deferred_checks(self, device: torch.device) -> bool:
+        if self.validation not in VALIDATION_MODES:
+            raise ValueError(f"validation must be one of {VALIDATION_MODES}, got {self.validation!r}")
+        return is_deferred(self.validation, device)
+
+    def _uses_triton(self, device: torch.device) -> bool:
+        # On the CPU Triton only runs interpreted (tests of the step kernel): the term stays plain torch there.
+        return device.type == "cuda" and self._resolved(device)[0] == "triton"
+
+    def _recorded(self, block: ConstraintBlock, recording: Recording) -> None:
+        if recording.error is not None:
+            errors = self._input_errors
+            errors.code = recording.error if errors.code is None else errors.code + recording.error
+        if block.spec.ordering == "dual_first":
+            self._dual_step([block])
 
     def report(self) -> dict:
-        """Per block: observed count, max violation, number violated, multiplier statistics."""
+        """Per block: observed count, max violation, number violated, multiplier statistics.
+
+        Reads the deferred input checks first: raises the ConstraintInputError of a bad call.
+        """
+        self.raise_input_errors()
         return {name: block.report() for name, block in self.constraints.items()}
+
+    def raise_input_errors(self) -> None:
+        """Reads the deferred input checks of every block (one host sync); raises for the first bad call."""
+        self._input_errors.code = None
+        for block in self.constraints.values():
+            block.raise_input_errors()
 
     # ----------------------------------------------------------------------------------------------
     # The step
@@ -125,7 +182,7 @@ class LagrangianOptimizer(torch.optim.Optimizer):
                 loss = closure()
         primal = self._gather_primal()
         blocks = [b for b in self.constraints.values() if b.spec.ordering == "simultaneous"]
-        self._run(primal, blocks, *self._amp_scaling())
+        self._run(primal, blocks, *self._amp_scaling(), self._take_input_errors())
         return loss
 
     def _amp_scaling(self) -> tuple[Optional[Tensor], Optional[Tensor]]:
@@ -140,17 +197,27 @@ class LagrangianOptimizer(torch.optim.Optimizer):
             grad_scale = None if grad_scale == 1 else torch.tensor([float(grad_scale)])
         return grad_scale, found_inf
 
+    def _take_input_errors(self) -> Optional[Tensor]:
+        """This step's deferred error code; on the CPU outside torch.compile it is read and raised here."""
+        errors, self._input_errors.code = self._input_errors.code, None
+        if errors is not None and errors.device.type == "cpu" and not torch.compiler.is_compiling() and int(errors):
+            for block in self.constraints.values():
+                block.discard_pending()
+            self.raise_input_errors()
+        return errors
+
     @torch.no_grad()
     def _dual_step(self, blocks: list[ConstraintBlock]) -> None:
         """The dual update alone (dual-first ordering): the same call with no parameter tensors."""
-        self._run(([], [], [], [], [], [], [], []), blocks, None, None)
+        self._run(([], [], [], [], [], [], [], []), blocks, None, None, self._input_errors.code)
 
-    def _run(self, primal: tuple, blocks: list[ConstraintBlock], grad_scale, found_inf) -> None:
-        # On an AMP overflow (found_inf) the backend skips primal and dual alike, device-side; the
-        # pending violations belong to that skipped iteration and are dropped with it.
+    def _run(self, primal: tuple, blocks: list[ConstraintBlock], grad_scale, found_inf,
+             input_errors: Optional[Tensor]) -> None:
+        # On an AMP overflow (found_inf) or a deferred input error the backend skips primal and dual
+        # alike, device-side; the pending violations belong to that skipped iteration and are dropped.
         pending = [block.take_pending() for block in blocks]
         try:
-            self._run_taken(primal, blocks, pending, grad_scale, found_inf)
+            self._run_taken(primal, blocks, pending, grad_scale, found_inf, input_errors)
         except Exception:
             # Nothing was updated (backends check before they write): the samples wait for the next step,
             # and state created for this step goes, as if it never began.
@@ -163,34 +230,41 @@ class LagrangianOptimizer(torch.optim.Optimizer):
         finally:
             self._created_state = []
 
-    def _run_taken(self, primal: tuple, blocks: list[ConstraintBlock], pending: list, grad_scale, found_inf) -> None:
-        data_parallel = self._data_parallel() if blocks else None
-        if data_parallel is not None:
-            pending = data_parallel.gather_pending(blocks, pending)
+    def _run_taken(self, primal: tuple, blocks: list[ConstraintBlock], pending: list, grad_scale, found_inf,
+                   input_errors: Optional[Tensor]) -> None:
+        if blocks:
+            pending = self._reduction().gather_pending(pending)
         if not primal[0] and not blocks:
             return
+        if input_errors is not None:
+            skip = (input_errors > 0).float().reshape(1)
+            found_inf = skip if found_inf is None else found_inf + skip.to(found_inf.device)
         hparams, flags = [], []
         for block in blocks:
             hparams += block.spec.dual_hparams
             flags.append(block.spec.dual_flags)
         device = primal[0][0].device if primal[0] else blocks[0].device
-        stats = self._implementation(device)(
-            *primal, int(self.algorithm),
-            [b.multipliers for b in blocks], [b.dual_state for b in blocks],
-            [ids for ids, _ in pending], [v for _, v in pending], hparams, flags,
-            grad_scale, found_inf,
-        )
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, primal_hparams, primal_flags = primal
+        arguments = FusedStepArguments(
+            params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, max_exp_avg_sqs=max_exp_avg_sqs,
+            steps=steps, primal_hparams=hparams_tensor(primal_hparams), primal_flags=primal_flags,
+            algorithm=int(self.algorithm), multipliers=[b.multipliers for b in blocks],
+            dual_states=[b.dual_state for b in blocks], ids=[ids for ids, _ in pending],
+            violations=[v for _, v in pending], dual_hparams=hparams_tensor(hparams), dual_flags=flags,
+            grad_scale=grad_scale, found_inf=found_inf)
+        stats = self._resolved(device)[1](*arguments)
         for row, block in enumerate(blocks):
             block.last_stats = (stats, row)
 
-    def _implementation(self, device: torch.device) -> Callable:
-        """The backend's ``fused_step`` for this device, resolved once: the probes cost more than a small step."""
+    def _resolved(self, device: torch.device) -> tuple[str, Callable]:
+        """The backend's name and ``fused_step`` for this device, resolved once: the probes cost more than a
+        small step."""
         key = (self.backend, device.type)
-        implementation = self._implementations.get(key)
-        if implementation is None:
-            implementation = layouts.normalising(backends.fused_step_of(backends.resolve(self.backend, device)))
-            self._implementations[key] = implementation
-        return implementation
+        resolved = self._implementations.get(key)
+        if resolved is None:
+            name = backends.resolve(self.backend, device)
+            resolved = self._implementations[key] = (name, layouts.normalising(backends.fused_step_of(name)))
+        return resolved
 
     def _gather_primal(self) -> tuple:
         """Lists in contract order: params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hparams, flags."""
@@ -370,8 +444,8 @@ class LagrangianSGD(LagrangianOptimizer):
             flag |= PrimalFlag.MAXIMIZE
         if group["nesterov"]:
             flag |= PrimalFlag.NESTEROV
-        hparams = [_as_float(group["lr"]), float(group["momentum"]), float(group["dampening"]), 0.0,
-                   _as_float(group["weight_decay"])]
+        hparams = [_hparam(group["lr"]), float(group["momentum"]), float(group["dampening"]), 0.0,
+                   _hparam(group["weight_decay"])]
         return hparams, int(flag)
 
     def _append_state(self, lists, p, group, state):
@@ -436,7 +510,7 @@ class LagrangianAdam(LagrangianOptimizer):
         if group["decoupled_weight_decay"]:
             flag |= PrimalFlag.DECOUPLED_WEIGHT_DECAY
         beta1, beta2 = group["betas"]
-        hparams = [_as_float(group["lr"]), _as_float(beta1), _as_float(beta2), float(group["eps"]),
+        hparams = [_hparam(group["lr"]), _hparam(beta1), _hparam(beta2), float(group["eps"]),
                    float(group["weight_decay"])]
         return hparams, int(flag)
 

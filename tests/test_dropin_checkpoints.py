@@ -188,8 +188,9 @@ def test_copies_step_on_their_own(backend, kind, how):
     duplicate = (copy.deepcopy((model, optimizer, blocks)) if how == "deepcopy"
                  else pickle.loads(pickle.dumps((model, optimizer, blocks))))
     copy_model, copy_optimizer, copy_blocks = duplicate
-    assert all(block._optimizer is copy_optimizer for block in copy_optimizer.constraints.values())
-    assert all(block._optimizer is optimizer for block in optimizer.constraints.values())
+    # A block reaches its optimizer only through the context it was handed: the copy's refer to the copy.
+    assert all(block._context.reduction.__self__ is copy_optimizer for block in copy_optimizer.constraints.values())
+    assert all(block._context.reduction.__self__ is optimizer for block in optimizer.constraints.values())
     assert copy_optimizer.constraints["rows"] is copy_blocks[1]
     assert_same(snapshot(copy_optimizer), snapshot(optimizer))
     train(model, optimizer, blocks, range(2, 5))

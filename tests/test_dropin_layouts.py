@@ -225,19 +225,19 @@ def test_pending_samples_survive_a_step_that_raises(backend, monkeypatch):
     model, optimizer, block = fresh()
     forward(model, block, 0)
     before = snapshot(optimizer)
-    real = optimizer._implementation
+    real = optimizer._resolved
 
     def failing(device):
         def fail(*args):
             raise RuntimeError("simulated backend failure")
-        return fail
+        return real(device)[0], fail
 
-    monkeypatch.setattr(optimizer, "_implementation", failing)
+    monkeypatch.setattr(optimizer, "_resolved", failing)
     with pytest.raises(RuntimeError, match="simulated"):
         optimizer.step()
     assert_same(snapshot(optimizer), before)
     assert before["pending"]["rows"] == 4
-    monkeypatch.setattr(optimizer, "_implementation", real)
+    monkeypatch.setattr(optimizer, "_resolved", real)
     optimizer.step()
 
     clean_model, clean_optimizer, clean_block = fresh()

@@ -15,8 +15,10 @@ from typing import Optional
 
 import torch
 
-from . import Backend, native_build, register
+from ..contract import hparams_tensor
+from . import native_build
 from .native_build import JIT_ENV  # noqa: F401  (part of this module's interface: bench/gpu_check.py)
+from .registry import Backend, register
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
@@ -28,15 +30,16 @@ class _Library:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._attempted = False
+        self._decided = False  # set last, once origin and error are final
         self.origin: Optional[str] = None
         self.error: Optional[str] = None
 
     def load(self) -> Optional[str]:
         """None once the operator is registered, else the reason it is not."""
+        if self._decided:  # lock-free once decided: no lock for torch.compile to trace in the hot path
+            return self.error
         with self._lock:
-            if not self._attempted:
-                self._attempted = True
+            if not self._decided:
                 try:
                     prefer_sources = native_build.jit_mode() == "always"
                     self.origin = (None if prefer_sources else _load_built()) or native_build.compile_and_load()
@@ -47,6 +50,7 @@ class _Library:
                     self.origin = None
                 if self.origin is None and self.error is None:
                     self.error = native_build.not_built_reason()
+                self._decided = True
         return self.error
 
 
@@ -111,8 +115,9 @@ def fused_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, pri
     if not params and not multipliers:
         return torch.zeros(0, 3, dtype=torch.float32)  # no tensor to dispatch on, nothing to do
     return torch.ops.fused_lagrangian.fused_step(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, primal_hparams, primal_flags, int(algorithm),
-        multipliers, dual_states, ids, violations, dual_hparams, dual_flags, grad_scale, found_inf)
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hparams_tensor(primal_hparams), primal_flags,
+        int(algorithm), multipliers, dual_states, ids, violations, hparams_tensor(dual_hparams), dual_flags, grad_scale,
+        found_inf)
 
 
 def _load_fused_step():

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ..contract import DUAL_HPARAMS, PRIMAL_HPARAMS, STATS_COLUMNS, Algorithm, DualFlag, PrimalFlag, dual_state_rows
+from .registry import Backend, register
 
 
 def fused_step(
@@ -23,18 +24,19 @@ def fused_step(
     exp_avg_sqs: list[Tensor],
     max_exp_avg_sqs: list[Tensor],
     steps: list[Tensor],
-    primal_hparams: list[float],
+    primal_hparams: Tensor,
     primal_flags: list[int],
     algorithm: int,
     multipliers: list[Tensor],
     dual_states: list[Tensor],
     ids: list[Tensor],
     violations: list[Tensor],
-    dual_hparams: list[float],
+    dual_hparams: Tensor,
     dual_flags: list[int],
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
 ) -> Tensor:
+    primal_hparams, dual_hparams = _floats(primal_hparams), _floats(dual_hparams)
     stats_device = multipliers[0].device if multipliers else torch.device("cpu")
     stats = torch.zeros(len(multipliers), STATS_COLUMNS, dtype=torch.float32, device=stats_device)
     if found_inf is not None and bool(found_inf.item()):
@@ -54,6 +56,11 @@ def fused_step(
             hp = dual_hparams[j * DUAL_HPARAMS : (j + 1) * DUAL_HPARAMS]
             stats[j] = _dual_ascent(lam, dual_states[j], ids[j], violations[j], hp, DualFlag(dual_flags[j]))
     return stats
+
+
+def _floats(hparams) -> list[float]:
+    """contract.py's hparams tensor (or a plain list) as Python floats: the reference computes in Python."""
+    return hparams.tolist() if isinstance(hparams, Tensor) else [float(h) for h in hparams]
 
 
 _OWN_PRECISION = (torch.float64, torch.complex64, torch.complex128)
@@ -154,3 +161,6 @@ def _dual_ascent(lam: Tensor, state: Tensor, ids: Tensor, violations: Tensor, hp
         measure.max(),
         (measure > 0).sum().float(),
     ])
+
+
+register(Backend("reference", lambda device_type: None, lambda: fused_step))

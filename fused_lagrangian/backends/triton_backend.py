@@ -36,8 +36,9 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.autograd.graph import increment_version
 
-from ..contract import DUAL_HPARAMS, PRIMAL_HPARAMS, STATS_COLUMNS, Algorithm, DualFlag, dual_state_rows
-from . import Backend, register
+from ..contract import (DUAL_HPARAMS, PRIMAL_HPARAMS, STATS_COLUMNS, Algorithm, DualFlag, DualSlot, dual_state_rows,
+                        hparams_tensor)
+from .registry import Backend, register
 
 PRIMAL_BLOCK = 1024
 PRIMAL_TILES = 4
@@ -85,14 +86,14 @@ def fused_step(
     exp_avg_sqs: list[Tensor],
     max_exp_avg_sqs: list[Tensor],
     steps: list[Tensor],
-    primal_hparams: list[float],
+    primal_hparams: Tensor,
     primal_flags: list[int],
     algorithm: int,
     multipliers: list[Tensor],
     dual_states: list[Tensor],
     ids: list[Tensor],
     violations: list[Tensor],
-    dual_hparams: list[float],
+    dual_hparams: Tensor,
     dual_flags: list[int],
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
@@ -101,9 +102,9 @@ def fused_step(
     if torch.compiler.is_compiling() or any(isinstance(t, FakeTensor) for t in params[:1] + multipliers[:1]):
         # Traced: one opaque graph node with declared mutations.
         return _fused_step_op(
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, [float(h) for h in primal_hparams],
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hparams_tensor(primal_hparams),
             [int(f) for f in primal_flags], int(algorithm), multipliers, dual_states, ids, violations,
-            [float(h) for h in dual_hparams], [int(f) for f in dual_flags], grad_scale, found_inf,
+            hparams_tensor(dual_hparams), [int(f) for f in dual_flags], grad_scale, found_inf,
         )
     # Eager: the custom op's Python dispatch handles every list element and costs several times the
     # launch itself for a model with hundreds of tensors, so run its body and bump the version
@@ -123,14 +124,14 @@ def _fused_step_op(
     exp_avg_sqs: list[Tensor],
     max_exp_avg_sqs: list[Tensor],
     steps: list[Tensor],
-    primal_hparams: list[float],
+    primal_hparams: Tensor,
     primal_flags: list[int],
     algorithm: int,
     multipliers: list[Tensor],
     dual_states: list[Tensor],
     ids: list[Tensor],
     violations: list[Tensor],
-    dual_hparams: list[float],
+    dual_hparams: Tensor,
     dual_flags: list[int],
     grad_scale: Optional[Tensor],
     found_inf: Optional[Tensor],
@@ -152,10 +153,16 @@ def _fused_step_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step
 # The launch
 
 
+def _floats(hparams) -> list[float]:
+    return hparams.tolist() if isinstance(hparams, Tensor) else [float(h) for h in hparams]
+
+
 def _launch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, primal_hparams, primal_flags, algorithm,
             multipliers, dual_states, ids, violations, dual_hparams, dual_flags, grad_scale, found_inf) -> Tensor:
     from . import triton_kernels as kernels
 
+    # The settings tables are cached by value: the hyperparameters are read on the host here.
+    primal_hparams, dual_hparams = _floats(primal_hparams), _floats(dual_hparams)
     device = params[0].device if params else (multipliers[0].device if multipliers else torch.device("cpu"))
     for tensor in (grad_scale, found_inf):
         if tensor is not None and (tensor.device != device or tensor.numel() != 1):
@@ -405,8 +412,9 @@ def _dual_settings_table(hparams: list[float], flags: list[int]) -> Tensor:
 
     rows = []
     for j, flag in enumerate(flags):
-        lr, kp, ki, nu, damping, lower, upper, decay = hparams[j * DUAL_HPARAMS:(j + 1) * DUAL_HPARAMS]
-        rows.append([lr, kp, ki, nu, damping, lower, upper, 1 - nu, flag, decay])
+        # contract.DualSlot's values first (the kernel's D_* columns), then what the kernel derives.
+        slots = hparams[j * DUAL_HPARAMS:(j + 1) * DUAL_HPARAMS]
+        rows.append([*slots, 1 - slots[DualSlot.NU], flag])
     return torch.tensor(rows, dtype=torch.float64).reshape(len(flags), DUAL_SETTINGS.value)
 
 

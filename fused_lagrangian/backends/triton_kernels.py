@@ -79,9 +79,9 @@ D_NU: tl.constexpr = tl.constexpr(3)
 D_DAMPING: tl.constexpr = tl.constexpr(4)
 D_LOWER: tl.constexpr = tl.constexpr(5)
 D_UPPER: tl.constexpr = tl.constexpr(6)
-D_ONE_MINUS_NU: tl.constexpr = tl.constexpr(7)
-D_FLAGS: tl.constexpr = tl.constexpr(8)
-D_DECAY: tl.constexpr = tl.constexpr(9)
+D_DECAY: tl.constexpr = tl.constexpr(7)
+D_ONE_MINUS_NU: tl.constexpr = tl.constexpr(8)
+D_FLAGS: tl.constexpr = tl.constexpr(9)
 DUAL_SETTINGS: tl.constexpr = tl.constexpr(10)
 
 # Storage dtype codes of parameter tensors (and bits of the DTYPES constexpr: 1 << code).

@@ -120,15 +120,28 @@ ScalarArgument scalar_argument(const std::optional<at::Tensor>& t) {
 
 at::Tensor emulated_fused_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                                at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
-                               c10::ArrayRef<double> primal_hparams, c10::ArrayRef<int64_t> primal_flags,
+                               const at::Tensor& primal_hparams, c10::ArrayRef<int64_t> primal_flags,
                                int64_t algorithm, at::TensorList multipliers, at::TensorList dual_states,
-                               at::TensorList ids, at::TensorList violations, c10::ArrayRef<double> dual_hparams,
+                               at::TensorList ids, at::TensorList violations, const at::Tensor& dual_hparams,
                                c10::ArrayRef<int64_t> dual_flags, const std::optional<at::Tensor>& grad_scale,
                                const std::optional<at::Tensor>& found_inf) {
-  const StepArguments args{params,      grads,        exp_avgs,   exp_avg_sqs,  max_exp_avg_sqs,
-                           steps,       primal_hparams, primal_flags, algorithm, multipliers,
-                           dual_states, ids,          violations, dual_hparams, dual_flags,
-                           grad_scale,  found_inf};
+  const StepArguments args{params,
+                           grads,
+                           exp_avgs,
+                           exp_avg_sqs,
+                           max_exp_avg_sqs,
+                           steps,
+                           host_hparams(primal_hparams, "primal_hparams"),
+                           primal_flags,
+                           algorithm,
+                           multipliers,
+                           dual_states,
+                           ids,
+                           violations,
+                           host_hparams(dual_hparams, "dual_hparams"),
+                           dual_flags,
+                           grad_scale,
+                           found_inf};
   const HostTable h = describe(args);
   Workspace& workspace = workspace_instance();
   if (!workspace.ids.defined() || workspace.ids.numel() < h.table_capacity) {
@@ -159,9 +172,9 @@ bool emulated_workspace_is_clean() {
 TORCH_LIBRARY(fused_lagrangian_emulated, m) {
   m.def(
       "fused_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, float[] primal_hparams, int[] primal_flags, "
+      "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, Tensor primal_hparams, int[] primal_flags, "
       "int algorithm, Tensor(f!)[] multipliers, Tensor(g!)[] dual_states, Tensor[] ids, Tensor[] violations, "
-      "float[] dual_hparams, int[] dual_flags, Tensor? grad_scale=None, Tensor? found_inf=None) -> Tensor");
+      "Tensor dual_hparams, int[] dual_flags, Tensor? grad_scale=None, Tensor? found_inf=None) -> Tensor");
   m.def("workspace_is_clean() -> bool", &fused_lagrangian::emulated_workspace_is_clean);
 }
 

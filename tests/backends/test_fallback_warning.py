@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fused_lagrangian import backends
-from fused_lagrangian.backends import native_build
+from fused_lagrangian.backends import native_build, registry
 
 CPU = torch.device("cpu")
 
@@ -17,8 +17,9 @@ CPU = torch.device("cpu")
 def native_missing(monkeypatch):
     """The native backend unavailable with a known reason, and no fallback warned about yet."""
     missing = backends.Backend("native", lambda device_type: "not built (test)", lambda: None)
-    monkeypatch.setitem(backends._REGISTRY, "native", missing)
-    monkeypatch.setattr(backends, "_WARNED_FALLBACK", set())
+    monkeypatch.setitem(registry._REGISTRY, "native", missing)
+    monkeypatch.setattr(registry, "_WARNED_FALLBACK", set())
+    monkeypatch.setattr(registry, "_RESOLVED", {})  # resolve() decides once per process: forget its decisions
 
 
 def test_auto_fallback_warns_once_with_the_reason(native_missing):

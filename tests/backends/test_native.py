@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from fused_lagrangian import LagrangianAdam, LagrangianAdamW, LagrangianSGD, backends
-from fused_lagrangian.contract import DUAL_HPARAMS, Algorithm, DualFlag, PrimalFlag, dual_state_rows
+from fused_lagrangian.contract import DUAL_HPARAMS, Algorithm, DualFlag, PrimalFlag, dual_state_rows, hparams_tensor
 
 NATIVE_REASON = backends.unavailable_reason("native", "cpu")
 pytestmark = pytest.mark.skipif(NATIVE_REASON is not None, reason=f"native backend: {NATIVE_REASON}")
@@ -128,8 +128,9 @@ def random_problem(seed: int, algorithm: Algorithm, dtype: torch.dtype, primal_f
     moved = [[t.to(device) for t in tensors] for tensors in (params, grads, exp_avgs, exp_avg_sqs,
                                                              max_exp_avg_sqs, steps, multipliers, dual_states)]
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, multipliers, dual_states = moved
-    args = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, primal_hparams,
-            [int(primal_flags)] * len(params), int(algorithm), multipliers, dual_states, None, None, dual_hparams,
+    args = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hparams_tensor(primal_hparams),
+            [int(primal_flags)] * len(params), int(algorithm), multipliers, dual_states, None, None,
+            hparams_tensor(dual_hparams),
             dual_flags, None, None]
     problem = Problem(args, num_constraints, batches, g, device)
     problem.new_batch()

@@ -25,7 +25,7 @@ pytest.importorskip("triton")
 from fused_lagrangian import LagrangianAdam, LagrangianAdamW, LagrangianSGD, backends  # noqa: E402
 from fused_lagrangian.backends import reference, triton_backend  # noqa: E402
 from fused_lagrangian.backends import triton_kernels  # noqa: E402
-from fused_lagrangian.contract import Algorithm, DualFlag, PrimalFlag  # noqa: E402
+from fused_lagrangian.contract import Algorithm, DualFlag, PrimalFlag, hparams_tensor  # noqa: E402
 from fused_lagrangian.ops.lagrangian_term import lagrangian_term  # noqa: E402
 from fused_lagrangian.ops.lagrangian_term_triton import lagrangian_term_triton  # noqa: E402
 from test_native import random_dual_state  # noqa: E402
@@ -416,6 +416,7 @@ def test_fused_step_op_compiles_into_one_graph():
     """The custom op is opaque to torch.compile: one graph, no break, same results."""
     gen = torch.Generator().manual_seed(18)
     args = call(primal_args(gen, Algorithm.ADAM, sizes=(50,)), Algorithm.ADAM, dual_args([block(gen, 9, 30)]))
+    args[6], args[13] = hparams_tensor(args[6]), hparams_tensor(args[13])  # the raw op takes contract.py's tensors
     expected = copy.deepcopy(args)
     compiled = torch.compile(lambda *a: torch.ops.fused_lagrangian.fused_step_triton(*a) * 1.0, backend="aot_eager",
                              fullgraph=True)
@@ -464,6 +465,7 @@ _COMPILE_CHECK = textwrap.dedent("""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from fused_lagrangian.backends import triton_backend, triton_kernels as k
+    from fused_lagrangian.contract import hparams_tensor
     from fused_lagrangian.ops import lagrangian_term_triton as term
     from fused_lagrangian.ops.lagrangian_term_triton import lagrangian_term_triton
     from torch.fx.experimental.proxy_tensor import make_fx
@@ -496,8 +498,8 @@ _COMPILE_CHECK = textwrap.dedent("""
     # 2. torch.compile traces both ops as graph nodes (fake tensors: nothing is launched).
     def step(p, g, m, v, s, lam, ids, e):
         return torch.ops.fused_lagrangian.fused_step_triton(
-            [p], [g], [m], [v], [torch.empty(0)], [s], [1e-3, 0.9, 0.999, 1e-8, 0.0], [0], 1,
-            [lam], [torch.empty(0)], [ids], [e], [0.1, 0, 1, 0, 0, 0, float("inf"), 0], [0], None, None)
+            [p], [g], [m], [v], [torch.empty(0)], [s], hparams_tensor([1e-3, 0.9, 0.999, 1e-8, 0.0]), [0], 1,
+            [lam], [torch.empty(0)], [ids], [e], hparams_tensor([0.1, 0, 1, 0, 0, 0, float("inf"), 0]), [0], None, None)
     graph = make_fx(step, tracing_mode="fake")(torch.randn(8), torch.randn(8), torch.zeros(8), torch.zeros(8),
                                                torch.zeros(()), torch.zeros(4), torch.zeros(3, dtype=torch.long),
                                                torch.randn(3))
