@@ -22,8 +22,11 @@ import torch
 from fused_lagrangian import backends
 from . import machine, plots, report, targets
 from .contention import QUIET_FRACTION, QuietPolicy
-from .problems import FlatProblem, StepData, TrainingData, TrainingProblem
+from .block_call_candidates import block_call_candidates
+from .problems import (BlockCallProblem, FlatProblem, SmallModelData, SmallModelProblem, StepData, TrainingData,
+                       TrainingProblem)
 from .runner import run_case
+from .small_model_candidates import small_model_candidates
 from .step_candidates import flat_candidates, step_candidates
 from .sweeps import SWEEPS, Case, cases
 from .training_candidates import training_candidates
@@ -70,6 +73,12 @@ def run_cases(selected: Iterable[Case], out_dir: str, *, repetitions: int, sampl
             if isinstance(case.problem, TrainingProblem):
                 factories = training_candidates(TrainingData(case.problem, device), names)
                 bytes_per_step = None
+            elif isinstance(case.problem, BlockCallProblem):
+                factories = block_call_candidates(case.problem, device, names)
+                bytes_per_step = None
+            elif isinstance(case.problem, SmallModelProblem):
+                factories = small_model_candidates(SmallModelData(case.problem, device), names)
+                bytes_per_step = None
             elif isinstance(case.problem, FlatProblem):
                 factories = flat_candidates(case.problem, device, names)
                 bytes_per_step = case.problem.step_problem(1).primal_bytes + 16 * case.problem.batch
@@ -82,9 +91,11 @@ def run_cases(selected: Iterable[Case], out_dir: str, *, repetitions: int, sampl
             results["cases"].append(record)
             log(f"[{number}/{len(selected)}] {case.sweep}: {report.case_label(record)} ({record['wall_s']:.1f} s"
                 f"{report.contention_note(record)})")
+            width = max(18, *(len(name) for name in record["results"]))
             for name in report.ordered(record["results"]):
                 entry = record["results"][name]
-                log(f"    {name:<18} {entry['median_s'] * 1e3:10.3f} ms  x{entry['ratio_to_torch_fused'] or 0:.2f}")
+                ratio = entry["ratio_to_torch_fused"]  # None where a case has no floor (the block call)
+                log(f"    {name:<{width}} {entry['median_s'] * 1e3:10.3f} ms" + (f"  x{ratio:.2f}" if ratio else ""))
     finally:
         torch.set_num_threads(threads)
     results["load_average_end"] = machine.load_average()

@@ -167,3 +167,94 @@ def _distinct_ids(population: int, count: int, generator: torch.Generator) -> Te
         extra = torch.randint(0, population, (count - ids.numel(),), generator=generator)
         ids = torch.cat([ids, extra]).unique()
     return ids[torch.randperm(count, generator=generator)]
+
+
+# Parity-like grouped blocks: each group's rate at most EPSILON above the overall rate.
+PARITY_EPSILON = 0.02
+# The block-call problem's bound is the values' median, so some groups are violated and some satisfied,
+# and its multipliers start at 0.5: with zeros the loss term and its gradient would be zero, and the
+# check that every candidate computes the same call would compare nothing.
+BLOCK_CALL_BOUND = 0.5
+BLOCK_CALL_MULTIPLIER = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockCallProblem:
+    """A grouped block's call (its forward, and forward + backward) at each of several group counts K."""
+
+    batch: int
+    num_groups: tuple[int, ...]
+    seed: int = 0
+
+
+class BlockCallData:
+    """For one K: a cycle of (values, group ids, hard 0/1 dual values) batches, as a parity constraint gets.
+
+    ``values`` are sigmoid-like probabilities in (0, 1), ``hard`` the predictions they round to; group ids
+    are uniform over the K groups, so at K = 10^7 nearly every sample of a batch is in a group of its own.
+    """
+
+    def __init__(self, problem: BlockCallProblem, num_groups: int, device: torch.device) -> None:
+        self.problem = problem
+        self.num_groups = num_groups
+        self.device = device
+        generator = torch.Generator().manual_seed(problem.seed)
+        self.batches = []
+        for _ in range(NUM_BATCHES):
+            values = torch.rand(problem.batch, generator=generator)
+            ids = torch.randint(0, num_groups, (problem.batch,), generator=generator)
+            hard = (values > 0.5).float()
+            self.batches.append((values.to(device), ids.to(device), hard.to(device)))
+
+    def new_batches(self) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """The batches with each candidate's own copy of the values, leaves that require grad (their
+        gradients accumulate per candidate, so candidates cannot share them)."""
+        return [(values.clone().requires_grad_(), ids, hard) for values, ids, hard in self.batches]
+
+
+@dataclasses.dataclass(frozen=True)
+class SmallModelProblem:
+    """Logistic regression, Linear(features, 1) with BCE, and one parity-like grouped block per entry of
+    ``group_counts``: the regime where the Python side of a step, not its arithmetic, sets the cost."""
+
+    features: int = 122  # the one-hot Adult census features
+    batch: int = 100
+    group_counts: tuple[int, ...] = (2, 3)
+    epsilon: float = PARITY_EPSILON
+    seed: int = 0
+
+    @property
+    def num_params(self) -> int:
+        return self.features + 1
+
+
+class SmallModelData:
+    """The model's initial weights and a cycle of (inputs, 0/1 labels, group ids per block) batches."""
+
+    def __init__(self, problem: SmallModelProblem, device: torch.device) -> None:
+        self.problem = problem
+        self.device = device
+        torch.manual_seed(problem.seed)
+        self.initial_model = torch.nn.Linear(problem.features, 1).to(device)
+        generator = torch.Generator().manual_seed(problem.seed + 1)
+        self.batches = []
+        for _ in range(NUM_BATCHES):
+            inputs = torch.randn(problem.batch, problem.features, generator=generator)
+            labels = torch.randint(0, 2, (problem.batch,), generator=generator).float()
+            group_ids = [torch.randint(0, count, (problem.batch,), generator=generator).to(device)
+                         for count in problem.group_counts]
+            self.batches.append((inputs.to(device), labels.to(device), group_ids))
+
+    def new_model(self) -> torch.nn.Module:
+        model = torch.nn.Linear(self.problem.features, 1).to(self.device)
+        model.load_state_dict(self.initial_model.state_dict())
+        return model
+
+    def batch(self, step: int) -> tuple[Tensor, Tensor, list[Tensor]]:
+        return self.batches[step % NUM_BATCHES]
+
+
+# Projected ascent on this batch's estimate: the dual update that the hand-written and Cooper baselines
+# compute, so that every candidate times the same work (grouped blocks default to a running estimate
+# with nuPI, which those baselines do not implement).
+PLAIN_ASCENT = {"dual_rule": "ascent", "estimator": "batch"}

@@ -18,6 +18,7 @@ CANDIDATE_NOTES = {
     "unfused": "hand-written PyTorch: torch fused optimizer + index_add_ + clamp_ of the touched multipliers",
     "torch_fused": "torch.optim.Adam(fused=True) / SGD(fused=True), no constraints (the floor)",
     "ceiling": "in-place read-modify-write passes over the primal step's bytes (28 B/param Adam, 20 SGD)",
+    "torch_adam": "torch.optim.Adam with its default implementation, no constraints (sweep smallmodel)",
 }
 
 
@@ -36,6 +37,14 @@ def case_label(record: dict) -> str:
         ns = " and ".join(f"{n:.0e}" for n in config["num_constraints"])
         return (f"{config['num_params']:.0e} params adam, indexed N={ns} interleaved, B={config['batch']}, "
                 f"{record['threads']} thr")
+    if record["sweep"] == "blockcall":
+        ks = " and ".join(f"{k:.0e}" for k in config["num_groups"])
+        return (f"grouped block call, K={ks} interleaved, B={config['batch']}, forward and forward+backward, "
+                f"{record['threads']} thr")
+    if record["sweep"] == "smallmodel":
+        groups = " and ".join(map(str, config["group_counts"]))
+        return (f"{config['model']} BCE, B={config['batch']}, Adam step with grouped blocks of {groups} groups "
+                f"(and '@no blocks'), {record['threads']} thr")
     if record["sweep"] == "training":
         return (f"{config['model']} ({config['num_params']:,} params), N={config['num_samples']:.0e}, "
                 f"B={config['batch']}")

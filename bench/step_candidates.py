@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from fused_lagrangian import LagrangianAdam, LagrangianSGD
-from .problems import DUAL_LR, LR, MOMENTUM, FlatProblem, StepData
+from .problems import DUAL_LR, LR, MOMENTUM, PLAIN_ASCENT, FlatProblem, StepData
 
 try:
     import cooper
@@ -61,7 +61,7 @@ class FusedLagrangian(StepCandidate):
             self.optimizer = LagrangianSGD(self.params, lr=LR, momentum=MOMENTUM, backend=backend)
         self.blocks = [
             self.optimizer.add_constraint(f"block{j}", kind=config.kind, num_constraints=config.num_constraints,
-                                          dual_lr=DUAL_LR)
+                                          dual_lr=DUAL_LR, **PLAIN_ASCENT)
             for j, config in enumerate(problem.blocks)
         ]
 

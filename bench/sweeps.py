@@ -9,6 +9,11 @@
     grouped   step alone vs number of groups K
     training  forward + backward + step of a ~50k-parameter MLP with N per-sample constraints, at
               batch 512 and, where the dual machinery dominates the step, batch 128
+    blockcall one grouped block call (forward, and forward + backward) at K = 10^3 and 10^7 groups,
+              batch 4096, timed in one interleaved run like ``flat``
+    smallmodel training step of Linear(122, 1) on batch 100 with two grouped blocks (2 and 3 groups)
+              against the same LagrangianAdam step without blocks and torch's Adam, interleaved, at
+              1 thread and at all threads
 
 Each case is a (sweep name, config, problem) triple; ``cases(quick)`` lists them in run order.
 """
@@ -20,9 +25,9 @@ from typing import Union
 
 import torch
 
-from .problems import BlockConfig, FlatProblem, StepProblem, TrainingProblem
+from .problems import BlockCallProblem, BlockConfig, FlatProblem, SmallModelProblem, StepProblem, TrainingProblem
 
-SWEEPS = ("params", "threads", "indexed", "flat", "grouped", "training")
+SWEEPS = ("params", "threads", "indexed", "flat", "grouped", "training", "blockcall", "smallmodel")
 # The blocks of the native-step targets: 10^6 per-sample constraints and 10^3 groups, batch 4096.
 STANDARD_BLOCKS = (BlockConfig("indexed", 10**6, 4096), BlockConfig("grouped", 10**3, 4096))
 # Parameters of the constraint sweeps: big enough to be a real model's step, small enough that the
@@ -33,7 +38,7 @@ CONSTRAINT_SWEEP_PARAMS = 10**6
 @dataclasses.dataclass(frozen=True)
 class Case:
     sweep: str
-    problem: Union[StepProblem, FlatProblem, TrainingProblem]
+    problem: Union[StepProblem, FlatProblem, TrainingProblem, BlockCallProblem, SmallModelProblem]
     threads: int
 
     @property
@@ -42,6 +47,11 @@ class Case:
         if isinstance(problem, FlatProblem):
             return {"num_params": problem.num_params, "batch": problem.batch,
                     "num_constraints": list(problem.num_constraints)}
+        if isinstance(problem, BlockCallProblem):
+            return {"batch": problem.batch, "num_groups": list(problem.num_groups)}
+        if isinstance(problem, SmallModelProblem):
+            return {"model": f"Linear({problem.features}, 1)", "num_params": problem.num_params,
+                    "batch": problem.batch, "group_counts": list(problem.group_counts), "epsilon": problem.epsilon}
         if isinstance(problem, TrainingProblem):
             return {"num_samples": problem.num_samples, "batch": problem.batch, "num_params": problem.num_params,
                     "model": f"MLP {problem.features}-{'-'.join(map(str, problem.hidden))}-{problem.classes}"}
@@ -87,4 +97,12 @@ def cases(quick: bool) -> list[Case]:
     # At batch 512 the MLP's forward and backward already cost a quarter of Cooper's whole step, which
     # caps any dual update's speedup; a smaller batch is the regime the dual update decides.
     found.append(Case("training", TrainingProblem(10**7, batch=128), threads))
+
+    # The same cases in the quick and the full run: they are the targets' own cases, and cheap.
+    found.append(Case("blockcall", BlockCallProblem(batch=4096, num_groups=(10**3, 10**7)), threads))
+    # The small model's tensors are too small to gain from a second thread, but its ops may still wake
+    # one, and on a loaded machine that wake-up can cost more than the whole step: one thread shows what
+    # the step's own ops cost, all threads what a user gets by default.
+    for count in thread_counts:
+        found.append(Case("smallmodel", SmallModelProblem(), count))
     return found

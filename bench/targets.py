@@ -11,6 +11,10 @@ PyTorch specification) is measured for context and its lines say "not a target".
     flat       per-step cost at the largest N within 10% of the smallest, both timed in one interleaved
                run (the flat sweep); Cooper's growth over the indexed sweep, for contrast
     huge_n     at 10^7 parameters, an indexed block of 10^8 constraints costs within 10% of 10^4
+    blockcall  a grouped block call (forward + backward, and forward alone) at K = 10^7 groups within
+               1.5x of K = 10^3, batch 4096, both timed in one interleaved run
+    smallmodel training step of Linear(122, 1), batch 100, with two grouped blocks <= 1.5x the same
+               LagrangianAdam step without blocks
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ NOT_TARGETED = ("fused:reference",)
 OVERHEAD_LIMIT = 1.10
 TRAINING_SPEEDUP = 5.0
 FLATNESS_LIMIT = 1.10
+BLOCK_CALL_GROWTH_LIMIT = 1.5
+SMALL_MODEL_CONSTRAINT_LIMIT = 1.5
 
 
 def _target(name: str, candidate: str, case: str, value: float, threshold: float, at_most: bool,
@@ -124,6 +130,50 @@ def evaluate(records: list[dict]) -> list[dict]:
                 ratio = _median(huge[10**8], fused) / _median(huge[10**4], fused)
                 found.append(_target("huge_n_same_cost", fused, "10^7 params, indexed 1e8 vs 1e4, B=4096", ratio,
                                      FLATNESS_LIMIT, at_most=True, records=pair, note=note))
+    found += _block_call_targets(records)
+    found += _small_model_targets(records)
+    return found
+
+
+def _block_call_targets(records: list[dict]) -> list[dict]:
+    """Growth of a grouped block call from the smallest to the largest K, per fused backend and variant."""
+    found = []
+    for record in records:
+        if record["sweep"] != "blockcall":
+            continue
+        config, results = record["config"], record["results"]
+        smallest, largest = min(config["num_groups"]), max(config["num_groups"])
+        for variant in ("forward+backward", "forward"):
+            case = (f"grouped block call ({variant}) K={largest:.0e} vs {smallest:.0e} in one interleaved run, "
+                    f"B={config['batch']}, {record['threads']} thread(s)")
+            for name in sorted({n.partition(" @")[0] for n in results if n.startswith("fused:")}):
+                at_smallest, at_largest = f"{name} @K={smallest:.0e} {variant}", f"{name} @K={largest:.0e} {variant}"
+                if at_smallest in results and at_largest in results:
+                    growth = _median(record, at_largest) / _median(record, at_smallest)
+                    found.append(_target("block_call_flat_in_k", name, case, growth, BLOCK_CALL_GROWTH_LIMIT,
+                                         at_most=True, records=[record]))
+    return found
+
+
+def _small_model_targets(records: list[dict]) -> list[dict]:
+    """The small model's constrained step over the same optimizer's step without blocks, per fused backend."""
+    found = []
+    for record in records:
+        if record["sweep"] != "smallmodel":
+            continue
+        config, results = record["config"], record["results"]
+        groups = " and ".join(map(str, config["group_counts"]))
+        case = (f"{config['model']} BCE step, B={config['batch']}, grouped blocks of {groups} groups vs "
+                f"no blocks, LagrangianAdam, {record['threads']} thread(s)")
+        # torch's own Adam steps on the same model, for scale (the same for every backend's row).
+        note = ", ".join(f"{name} {_median(record, name) * 1e3:.3f} ms" for name in ("torch_fused", "torch_adam")
+                         if name in results)
+        for name in _fused(record):
+            unconstrained = f"{name} @no blocks"
+            if " @" not in name and unconstrained in results:
+                ratio = _median(record, name) / _median(record, unconstrained)
+                found.append(_target("small_model_constraint_cost", name, case, ratio, SMALL_MODEL_CONSTRAINT_LIMIT,
+                                     at_most=True, records=[record], note=note))
     return found
 
 

@@ -79,12 +79,12 @@ void check_dual(const StepArguments& a, c10::Device device) {
     check_on(lam, device, "multipliers", j);
     TORCH_CHECK(lam.dim() == 1 && lam.scalar_type() == at::kFloat && lam.is_contiguous(),
                 "fused_step: multipliers[", j, "] must be a contiguous 1-D float32 tensor");
-    if (a.has_smoothed_error(j)) {
-      const at::Tensor& xi = a.dual_states[j];
-      check_on(xi, device, "dual_states", j);
-      TORCH_CHECK(xi.scalar_type() == at::kFloat && xi.is_contiguous() && xi.numel() == lam.numel(),
-                  "fused_step: dual_states[", j, "] must be a contiguous float32 tensor of ", lam.numel(),
-                  " elements (nuPI)");
+    if (const int64_t rows = a.dual_state_rows(j)) {
+      const at::Tensor& state = a.dual_states[j];
+      check_on(state, device, "dual_states", j);
+      TORCH_CHECK(state.scalar_type() == at::kFloat && state.is_contiguous() && state.numel() == rows * lam.numel(),
+                  "fused_step: dual_states[", j, "] must be a contiguous float32 tensor of ", rows, " x ",
+                  lam.numel(), " elements (one row each for the nuPI and running-estimate state its flags ask for)");
     }
     const at::Tensor& ids = a.ids[j];
     const at::Tensor& violations = a.violations[j];

@@ -30,7 +30,12 @@ struct StepArguments {
     return !is_adam() && primal_hparams[tensor * kPrimalHparams + primal_slot::kBeta1] != 0.0;  // momentum
   }
   bool has_max_exp_avg_sq(int64_t tensor) const { return is_adam() && (primal_flags[tensor] & kAmsgrad); }
-  bool has_smoothed_error(int64_t block) const { return (dual_flags[block] & kNupi) && !(dual_flags[block] & kFrozen); }
+  // Rows of the block's dual state the step reads (contract.py): 0 for FROZEN blocks.
+  int64_t dual_state_rows(int64_t block) const {
+    const int64_t flags = dual_flags[block];
+    if (flags & kFrozen) return 0;
+    return ((flags & kNupi) ? 1 : 0) + ((flags & kRunning) ? 2 : 0);
+  }
 };
 
 // Hyperparameters travel as 1-D float64 CPU tensors (contract.py): a scheduler's tensor lr is stacked

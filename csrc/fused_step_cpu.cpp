@@ -50,7 +50,7 @@ struct PrimalEntry {
 
 struct DualEntry {
   float* multipliers;
-  float* smoothed_errors;
+  DualStateRows state;
   const void* ids;
   bool ids_are_int32;
   const float* violations;
@@ -249,17 +249,18 @@ void run_dual_block(const DualEntry& b) {
   const TouchedConstraints::Slot* slots = touched.slots();
   const int64_t num_touched = touched.size();
   float* const multipliers = b.multipliers;
-  float* const smoothed_errors = b.smoothed_errors;
+  const DualStateRows& state = b.state;
   float max_measure = 0.0f, num_positive = 0.0f;
   for (int64_t s = 0; s < num_touched; ++s) {
     if (s + kStatePrefetchDistance < num_touched) {
       const int64_t ahead = slots[s + kStatePrefetchDistance].id;
       __builtin_prefetch(multipliers + ahead, 1, 3);
-      if (smoothed_errors) __builtin_prefetch(smoothed_errors + ahead, 1, 3);
+      for (float* row : {state.smoothed_errors, state.running_sums, state.running_counts}) {
+        if (row) __builtin_prefetch(row + ahead, 1, 3);
+      }
     }
     const int64_t k = slots[s].id;
-    const float measure = dual_update(slots[s].sum, slots[s].count, multipliers[k],
-                                      smoothed_errors ? smoothed_errors + k : nullptr, b.coefficients);
+    const float measure = dual_update(slots[s].sum, slots[s].count, multipliers[k], state, k, b.coefficients);
     max_measure = s == 0 ? measure : nan_max(max_measure, measure);
     num_positive += measure > 0.0f ? 1.0f : 0.0f;
   }
@@ -371,7 +372,8 @@ at::Tensor fused_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
     total_work += n;
     if (n == 0) continue;  // an untouched block keeps its zero statistics
     dual.push_back({multipliers[j].data_ptr<float>(),
-                    args.has_smoothed_error(j) ? dual_states[j].data_ptr<float>() : nullptr,
+                    dual_state_pointers(args.dual_state_rows(j) ? dual_states[j].data_ptr<float>() : nullptr,
+                                        multipliers[j].numel(), dual_flags[j]),
                     ids[j].const_data_ptr(), ids[j].scalar_type() == at::kInt,
                     violations[j].const_data_ptr<float>(), n, multipliers[j].numel(),
                     dual_coefficients(args.dual_hparams.data() + j * kDualHparams, dual_flags[j]),

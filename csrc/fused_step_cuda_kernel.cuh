@@ -45,7 +45,7 @@ struct TensorDescriptor {
 
 struct BlockDescriptor {
   float* multipliers;
-  float* smoothed_errors;
+  DualStateRows state;
   const void* ids;
   const float* violations;
   int64_t num_samples;
@@ -201,13 +201,12 @@ __device__ void finalize(const KernelArguments& a, bool skipped) {
     if (threadIdx.x == 0) touched = positive = max_measure_bits = 0;
     __syncthreads();
     const DualCoefficients c = dual_coefficients(b.hparams, b.flags);
-    const bool has_state = (b.flags & kNupi) && !(b.flags & kFrozen);
     for (int64_t s = threadIdx.x; s < b.table_capacity; s += blockDim.x) {
       const int64_t slot = b.table_offset + s;
       const unsigned long long key = __ldcg(a.table_ids + slot);
       if (key == kEmptySlot) continue;
       const float measure = dual_update(__ldcg(a.table_sums + slot), __ldcg(a.table_counts + slot),
-                                        b.multipliers[key], has_state ? b.smoothed_errors + key : nullptr, c);
+                                        b.multipliers[key], b.state, static_cast<int64_t>(key), c);
       a.table_ids[slot] = kEmptySlot;
       a.table_sums[slot] = 0.0f;
       a.table_counts[slot] = 0.0f;
@@ -314,7 +313,8 @@ inline HostTable describe(const StepArguments& a) {
   for (int64_t j = 0; j < m; ++j) {
     BlockDescriptor& b = blocks[j];
     b.multipliers = a.multipliers[j].data_ptr<float>();
-    b.smoothed_errors = a.has_smoothed_error(j) ? a.dual_states[j].data_ptr<float>() : nullptr;
+    b.state = dual_state_pointers(a.dual_state_rows(j) ? a.dual_states[j].data_ptr<float>() : nullptr,
+                                  a.multipliers[j].numel(), a.dual_flags[j]);
     b.ids = a.ids[j].const_data_ptr();
     b.ids_are_int32 = a.ids[j].scalar_type() == at::kInt;
     b.violations = a.violations[j].const_data_ptr<float>();

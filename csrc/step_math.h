@@ -26,7 +26,7 @@ namespace fused_lagrangian {
 
 // Mirrors of contract.py (tests/test_contract.py parses them and checks they agree).
 constexpr int kPrimalHparams = 5;
-constexpr int kDualHparams = 7;
+constexpr int kDualHparams = 8;
 constexpr int kStatsColumns = 3;
 
 // contract.PrimalSlot / DualSlot: where each hyperparameter sits in a tensor's (block's) values.
@@ -34,7 +34,7 @@ namespace primal_slot {
 constexpr int kLr = 0, kBeta1 = 1, kBeta2 = 2, kEps = 3, kWeightDecay = 4;
 }  // namespace primal_slot
 namespace dual_slot {
-constexpr int kLr = 0, kKp = 1, kKi = 2, kNu = 3, kDamping = 4, kLower = 5, kUpper = 6;
+constexpr int kLr = 0, kKp = 1, kKi = 2, kNu = 3, kDamping = 4, kLower = 5, kUpper = 6, kDecay = 7;
 }  // namespace dual_slot
 
 enum Algorithm : int64_t { kSgd = 0, kAdam = 1 };
@@ -47,7 +47,7 @@ enum PrimalFlag : int64_t {
   kFirstMomentumStep = 16,
 };
 
-enum DualFlag : int64_t { kMean = 1, kNupi = 2, kRestart = 4, kFrozen = 8 };
+enum DualFlag : int64_t { kMean = 1, kNupi = 2, kRestart = 4, kFrozen = 8, kRunning = 16 };
 
 // torch.maximum and clamp propagate NaN; std::fmax / fminf do not.
 FL_INLINE float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
@@ -144,9 +144,29 @@ FL_INLINE void sgd_update(float& param, float grad, float& momentum_buffer, cons
 
 // One block's dual hyperparameters, as floats (the reference multiplies fp32 tensors by them).
 struct DualCoefficients {
-  float lr, kp, ki, nu, one_minus_nu, damping, lower, upper;
-  bool mean, nupi, restart, frozen, equality;
+  float lr, kp, ki, nu, one_minus_nu, damping, lower, upper, decay;
+  bool mean, nupi, restart, frozen, running, equality;
 };
+
+// A block's dual state (contract.py: rows chosen by the flags, each num_constraints long) as pointers
+// to its rows, null for the rows it does not have.  FROZEN blocks read none.
+struct DualStateRows {
+  float* smoothed_errors;
+  float* running_sums;
+  float* running_counts;
+};
+
+FL_INLINE DualStateRows dual_state_pointers(float* state, int64_t num_constraints, int64_t flags) {
+  DualStateRows rows{nullptr, nullptr, nullptr};
+  if (flags & kFrozen) return rows;
+  const bool nupi = flags & kNupi;
+  if (nupi) rows.smoothed_errors = state;
+  if (flags & kRunning) {
+    rows.running_sums = state + (nupi ? num_constraints : 0);
+    rows.running_counts = rows.running_sums + num_constraints;
+  }
+  return rows;
+}
 
 FL_INLINE DualCoefficients dual_coefficients(const double* hp, int64_t flags) {
   using namespace dual_slot;
@@ -159,22 +179,34 @@ FL_INLINE DualCoefficients dual_coefficients(const double* hp, int64_t flags) {
   c.damping = static_cast<float>(hp[kDamping]);
   c.lower = static_cast<float>(hp[kLower]);
   c.upper = static_cast<float>(hp[kUpper]);
+  c.decay = static_cast<float>(hp[kDecay]);
   c.mean = flags & kMean;
   c.nupi = flags & kNupi;
   c.restart = flags & kRestart;
   c.frozen = flags & kFrozen;
+  c.running = (flags & kRunning) && !c.frozen;
   c.equality = hp[kLower] < 0;
   return c;
 }
 
-// Updates one touched constraint from the sum (and count) of its samples; returns its violation
-// measure for the statistics: max(g, 0) for inequality blocks, |g| for equality blocks.
-FL_INLINE float dual_update(float violation_sum, float sample_count, float& multiplier, float* smoothed_error,
-                            const DualCoefficients& c) {
-  const float g = c.mean ? violation_sum / sample_count : violation_sum;
+// Updates touched constraint k from the sum and count of its samples; returns its violation measure
+// for the statistics: max(g, 0) for inequality blocks, |g| for equality blocks.
+FL_INLINE float dual_update(float violation_sum, float sample_count, float& multiplier, const DualStateRows& state,
+                            int64_t k, const DualCoefficients& c) {
+  float g;
+  if (c.running) {
+    const float running_sum = c.decay * state.running_sums[k] + violation_sum;
+    const float running_count = c.decay * state.running_counts[k] + sample_count;
+    state.running_sums[k] = running_sum;
+    state.running_counts[k] = running_count;
+    g = running_sum / running_count;
+  } else {
+    g = c.mean ? violation_sum / sample_count : violation_sum;
+  }
   if (!c.frozen) {
     float direction = g;
     if (c.nupi) {
+      float* smoothed_error = state.smoothed_errors + k;
       const float xi = *smoothed_error;
       const float xi_new = c.nu * xi + c.one_minus_nu * g;
       direction = c.ki * g + c.kp * (xi_new - xi);

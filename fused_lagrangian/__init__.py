@@ -9,10 +9,15 @@
 from .constraints import ConstraintBlock, ConstraintInputError, ConstraintSpec
 from .functional import fused_step
 from .optim import LagrangianAdam, LagrangianAdamW, LagrangianOptimizer, LagrangianSGD
+from .schedules import DualLearningRates
+from .selection import BestIterate, ParameterAverage
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BestIterate",
+    "DualLearningRates",
+    "ParameterAverage",
     "ConstraintBlock",
     "ConstraintInputError",
     "ConstraintSpec",

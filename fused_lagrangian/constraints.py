@@ -22,7 +22,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .contract import DualFlag
+from .contract import DualFlag, dual_state_rows
 from .formulation import LOCAL, SENSE_SIGNS, BlockContext, Formulation
 from .memory import available_bytes, constraint_state
 from .validation import ERROR_NONFINITE, ConstraintInputError, raise_for_code
@@ -33,6 +33,17 @@ KINDS = ("dense", "indexed", "grouped")
 SENSES = tuple(SENSE_SIGNS)
 FORMULATIONS = ("lagrangian", "augmented", "penalty", "quadratic")
 DUAL_RULES = ("ascent", "nupi")
+ESTIMATORS = ("batch", "running")
+# Dual options a block gets when they are left unset (None), by kind; bench/dual_sensitivity.py measures
+# the grouped defaults against the alternatives.  Grouped blocks see each group through a few samples per
+# batch: a running estimate pools them over steps, and nuPI's proportional term (kp ~ twice the estimate's
+# memory of 1 / (1 - decay) observations) damps the oscillation that the estimate's lag would cause.
+# Dense and indexed blocks keep plain projected ascent on this step's values.
+DUAL_DEFAULTS = {
+    "grouped": dict(dual_rule="nupi", kp=20.0, estimator="running"),
+    "dense": dict(dual_rule="ascent", kp=0.0, estimator="batch"),
+    "indexed": dict(dual_rule="ascent", kp=0.0, estimator="batch"),
+}
 ORDERINGS = ("simultaneous", "dual_first")
 NONFINITE_POLICIES = ("raise", "skip")
 
@@ -49,8 +60,8 @@ class ConstraintSpec:
     dual_lr: float = 1e-2
     formulation: str = "lagrangian"
     penalty: float = 1.0  # c of the augmented Lagrangian and of the penalty baselines
-    dual_rule: str = "ascent"
-    kp: float = 0.0
+    dual_rule: Optional[str] = None  # None: DUAL_DEFAULTS of the kind
+    kp: Optional[float] = None  # None: DUAL_DEFAULTS of the kind
     ki: float = 1.0
     nu: float = 0.0
     max_multiplier: float = math.inf
@@ -62,8 +73,14 @@ class ConstraintSpec:
     to_overall: bool = False
     nonfinite: str = "raise"
     init: float = 0.0
+    # What the dual rule reads as g_k: this step's batch estimate, or a running (exponentially weighted,
+    # decay ``estimate_decay`` per step in which the constraint is observed) ratio estimate S_k / N_k.
+    estimator: Optional[str] = None  # None: DUAL_DEFAULTS of the kind
+    estimate_decay: float = 0.9
 
     def __post_init__(self) -> None:
+        self._apply_dual_defaults()
+
         def check(ok: bool, message: str) -> None:
             if not ok:
                 raise ValueError(f"constraint block {self.name!r}: {message}")
@@ -98,6 +115,7 @@ class ConstraintSpec:
         check(not self.to_overall or self.kind == "grouped", "to_overall applies to grouped blocks")
         check(self.sense != "==" or not self.restart_on_feasible, "restart_on_feasible needs an inequality")
         self.bound = self._checked_bound(check)
+        self._check_estimator(check)
 
     def _checked_bound(self, check) -> Union[float, Tensor]:
         """A finite float, or a finite (num_constraints,) real tensor with a value per constraint."""
@@ -122,6 +140,18 @@ class ConstraintSpec:
         check(math.isfinite(value), f"bound must be finite, got {bound!r}")
         return value
 
+    def _apply_dual_defaults(self) -> None:
+        for option, value in DUAL_DEFAULTS.get(self.kind, DUAL_DEFAULTS["dense"]).items():
+            if getattr(self, option) is None:
+                setattr(self, option, value)
+
+    def _check_estimator(self, check) -> None:
+        check(self.estimator in ESTIMATORS, f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        check(0.0 <= self.estimate_decay < 1.0, f"estimate_decay must be in [0, 1), got {self.estimate_decay!r}")
+        check(self.estimator == "batch" or self.kind != "indexed",
+              "estimator='running' pools a group's samples over steps; indexed blocks have one constraint per "
+              "sample and sum its duplicates, so they take estimator='batch'")
+
     @property
     def is_equality(self) -> bool:
         return self.sense == "=="
@@ -141,12 +171,17 @@ class ConstraintSpec:
             flags |= DualFlag.RESTART
         if self.formulation in ("penalty", "quadratic"):
             flags |= DualFlag.FROZEN
+        elif self.estimator == "running":
+            flags |= DualFlag.RUNNING
         return int(flags)
 
     @property
-    def dual_hparams(self) -> list[float]:
+    def dual_hparams(self) -> list:
+        """contract.DualSlot order; a tensor dual_lr (driven by a scheduler, see schedules.py) stays a tensor,
+        read by the step's hyperparameter table without a host sync."""
         lower = -self.max_multiplier if self.is_equality else 0.0
-        return [self.dual_lr, self.kp, self.ki, self.nu, self.damping, lower, self.max_multiplier]
+        return [self.dual_lr, self.kp, self.ki, self.nu, self.damping, lower, self.max_multiplier,
+                self.estimate_decay]
 
 
 class ConstraintBlock:
@@ -174,18 +209,18 @@ class ConstraintBlock:
         self.last_stats: Optional[tuple[Tensor, int]] = None
 
     def _allocate_state(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        """Multipliers (filled with ``init``) and nuPI state; a block that cannot fit fails before allocating."""
+        """Multipliers (filled with ``init``) and dual state; a block that cannot fit fails before allocating."""
         spec = self.spec
         k = spec.num_constraints
-        sizes = (k, k if spec.dual_rule == "nupi" else 0)
-        needed = 4 * sum(sizes)  # float32
+        rows, _ = dual_state_rows(spec.dual_flags & ~DualFlag.FROZEN)
+        needed = 4 * k * (1 + rows)  # float32
         what = f"constraint block {spec.name!r}: num_constraints={k} needs {_bytes_text(needed)} of float32 " \
-               f"multiplier{' and nuPI' if sizes[1] else ''} state on {device}"
+               f"multiplier{' and dual' if rows else ''} state on {device}"
         available = available_bytes(device)
         if available is not None and needed > available:
             raise ConstraintMemoryError(f"{what}; {_bytes_text(available)} available")
         try:
-            return constraint_state(sizes[0], float(spec.init), device), constraint_state(sizes[1], 0.0, device)
+            return constraint_state(k, float(spec.init), device), _dual_state(spec, device)
         except RuntimeError as error:  # the allocator's own out-of-memory (torch.OutOfMemoryError included)
             raise ConstraintMemoryError(f"{what}, which could not be allocated: {error}") from error
 
@@ -325,15 +360,16 @@ class ConstraintBlock:
 
     def load_state_dict(self, state: dict) -> None:
         """Loads a ``state_dict()``; checks all of it first, so a refused checkpoint changes nothing."""
-        self.check_state_dict(state)
+        dual_state = self.check_state_dict(state)
         # copy_ keeps the block's device and tensor identity (map_location="cpu" checkpoints load on GPU too).
         self.multipliers.copy_(state["multipliers"])
-        self.dual_state.copy_(state["dual_state"])
+        self.dual_state.copy_(dual_state)
         self.nonfinite_skipped = int(state["nonfinite_skipped"])
         self.discard_pending()
 
-    def check_state_dict(self, state: dict) -> None:
-        """Raises ValueError naming the block and the entry when ``state`` does not fit this block exactly."""
+    def check_state_dict(self, state: dict) -> Tensor:
+        """Raises ValueError naming the block and the entry when ``state`` does not fit this block exactly;
+        returns the checkpoint's dual state in this block's layout (older layouts upgraded)."""
         spec = self.spec
 
         def fail(message: str) -> None:
@@ -356,12 +392,17 @@ class ConstraintBlock:
                  f"[{lower}, {upper}]: min {float(multipliers.min())}, max {float(multipliers.max())}")
         dual_state = state["dual_state"]
         if isinstance(dual_state, Tensor) and dual_state.shape != self.dual_state.shape:
-            fail(f"dual_state has shape {tuple(dual_state.shape)}; this block's dual rule ({spec.dual_rule}) "
-                 f"keeps {tuple(self.dual_state.shape)}")
+            upgraded = _dual_state_from_checkpoint(self, dual_state)
+            if upgraded is None:
+                fail(f"dual_state has shape {tuple(dual_state.shape)}; this block's dual rule ({spec.dual_rule}) "
+                     f"and estimator ({spec.estimator}) keep {tuple(self.dual_state.shape)}")
+            _check_state_tensor(fail, "dual_state", dual_state, dual_state.shape)
+            dual_state = upgraded
         _check_state_tensor(fail, "dual_state", dual_state, self.dual_state.shape)
         skipped = state["nonfinite_skipped"]
         if isinstance(skipped, bool) or _whole_number(skipped) is None or _whole_number(skipped) < 0:
             fail(f"nonfinite_skipped must be a count >= 0, got {skipped!r}")
+        return dual_state
 
 
 _STATE_KEYS = ("kind", "num_constraints", "multipliers", "dual_state", "nonfinite_skipped")
@@ -392,6 +433,31 @@ def _check_state_tensor(fail, key: str, value, shape: torch.Size) -> None:
         fail(f"{key} has shape {tuple(value.shape)}, this block needs {tuple(shape)}")
     if value.numel() and not bool(torch.isfinite(value).all()):
         fail(f"{key} contains NaN or inf")
+
+def _dual_state(spec: ConstraintSpec, device: torch.device) -> Tensor:
+    """Zeros in contract.py's dual-state layout: (K,) for one row (nuPI alone), (rows, K) for more."""
+    rows, _ = dual_state_rows(spec.dual_flags & ~DualFlag.FROZEN)
+    k = spec.num_constraints
+    state = constraint_state(rows * k, 0.0, device)
+    return state.view(rows, k) if rows > 1 else state
+
+
+def _dual_state_from_checkpoint(block: ConstraintBlock, saved: Tensor) -> Optional[Tensor]:
+    """``saved`` in this block's layout, or None when it does not fit.  Checkpoints from before the running
+    estimator hold a (K,) nuPI state or none: their xi fills the xi row, running estimates start empty."""
+    current = block.dual_state
+    if saved.shape == current.shape:
+        return saved
+    flags = block.spec.dual_flags
+    k = block.spec.num_constraints
+    legacy = saved.numel() == 0 or (saved.shape == (k,) and flags & DualFlag.NUPI)
+    if not (legacy and flags & DualFlag.RUNNING):
+        return None
+    upgraded = torch.zeros_like(current)
+    if saved.numel():
+        upgraded[0].copy_(saved)
+    return upgraded
+
 
 def _real_number(value) -> Optional[float]:
     """``value`` as a float when it is a real number (Python, NumPy or a one-element real tensor), else None."""

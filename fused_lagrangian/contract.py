@@ -22,23 +22,35 @@ Primal side, one entry per parameter tensor ``i`` (lists aligned with ``params``
 Dual side, one entry per constraint block ``j`` with K_j constraints:
 
     multipliers[j]          (K_j,) fp32 multipliers
-    dual_states[j]          (K_j,) fp32 nuPI smoothed error xi (numel 0 for plain ascent)
+    dual_states[j]          (R_j, K_j) contiguous fp32 per-constraint dual state, one row per quantity
+                            the flags ask for, in this order (``dual_state_rows``):
+                              NUPI     xi, the smoothed error
+                              RUNNING  S, the running violation sum, then N, the running sample count
+                            numel 0 when R_j = 0; a (K_j,) tensor stands for (1, K_j); not read
+                            with FROZEN
     ids[j]                  (B_j,) int64 constraint id of each pending sample, duplicates allowed
     violations[j]           (B_j,) fp32 per-sample violation e_i = s * (v_i - bound), already signed
     dual_hparams            1-D float64 CPU tensor, DUAL_HPARAMS values per block: lr, kp, ki, nu, damping,
-                            lower, upper
+                            lower, upper,
+                            decay
     dual_flags              one int per block, a bitmask of the DualFlag bits
 
 For each block, only the constraints k that occur in ids[j] ("touched") change:
 
-    g_k  = sum of e_i over samples with id k            (MEAN flag: divided by their count)
+    sum_k, n_k = sum of e_i over samples with id k, their number
+    g_k  = sum_k                                       (MEAN flag: sum_k / n_k)
     frozen (FROZEN flag): nothing below is applied, g_k only feeds the statistics
+    running (RUNNING flag): S_k <- decay * S_k + sum_k;  N_k <- decay * N_k + n_k;  g_k = S_k / N_k
+                       (an exponentially weighted ratio estimate of the constraint's mean violation:
+                       pooled over steps, so a group with one or two samples per batch still gets a
+                       low-variance estimate; S = N = 0 initially, so the first step uses the batch)
     nuPI (NUPI flag):  xi_new = nu * xi_k + (1 - nu) * g_k
                        d_k    = ki * g_k + kp * (xi_new - xi_k);   xi_k <- xi_new
     ascent:            d_k    = g_k
     lambda_k <- clamp(lambda_k + lr * (d_k - damping * lambda_k), lower, upper)
     RESTART flag and g_k <= 0:  lambda_k <- 0
 
+Every rule, the running estimate included, reads and writes touched constraints only: O(batch) work.
 nuPI starts from xi = 0 (Cooper's ``nuPIInitType.ZEROS``), so its first step is ascent with rate
 lr * (ki + kp * (1 - nu)).  Untouched constraints and their state stay bitwise unchanged.
 
@@ -79,6 +91,7 @@ class DualSlot(enum.IntEnum):
     DAMPING = 4
     LOWER = 5
     UPPER = 6
+    DECAY = 7  # running estimator: weight of the past in S and N
 
 
 PRIMAL_HPARAMS = len(PrimalSlot)
@@ -128,6 +141,14 @@ class DualFlag(enum.IntFlag):
     NUPI = 2
     RESTART = 4
     FROZEN = 8
+    RUNNING = 16
+
+
+def dual_state_rows(flags: int) -> tuple[int, int]:
+    """(rows of a block's dual state, row of the running sum S; the count N is the next row)."""
+    smoothed = 1 if flags & DualFlag.NUPI else 0
+    running = 2 if flags & DualFlag.RUNNING else 0
+    return smoothed + running, smoothed
 
 
 _FLOAT_TABLES: dict[tuple, Tensor] = {}

@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from bench import fused_backends, run_cases
-from bench.problems import BlockConfig, FlatProblem, StepProblem, TrainingProblem
+from bench.problems import (BlockCallProblem, BlockConfig, FlatProblem, SmallModelData, SmallModelProblem,
+                            StepProblem, TrainingProblem)
+from bench.small_model_candidates import small_model_candidates
 from bench.sweeps import Case
 from bench.timing import time_interleaved
 
@@ -132,3 +134,102 @@ def test_interleaving_rotates_the_candidates():
     # Warm-up once each, then repetition r starts at candidate r, each running its own steps per sample.
     assert "".join(sequence) == "abc" + "aabbc" + "bbcaa" + "caabb"
     assert all(len(t.samples) == 3 for t in timings.values())
+
+
+# The block-call and small-model sweeps at toy sizes, in a run of their own: their candidates have no
+# ceiling and the block call no floor, which the checks of the step sweeps above assume.
+TOY_FORWARD_CASES = [
+    Case("blockcall", BlockCallProblem(batch=64, num_groups=(10, 10**5)), threads=1),
+    Case("smallmodel", SmallModelProblem(features=12, batch=16), threads=1),
+]
+BLOCK_CALL_VARIANTS = ("forward", "forward+backward")
+
+
+@pytest.fixture(scope="module")
+def forward_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_forward")
+    results = run_cases(TOY_FORWARD_CASES, str(out), repetitions=2, sample_seconds=0.0, mode="toy",
+                        command="test", log=lambda line: None)
+    return out, {record["sweep"]: record for record in results["cases"]}, results
+
+
+def expected_forward_candidates(sweep: str) -> set[str]:
+    fused = {f"fused:{name}" for name in fused_backends(torch.device("cpu"))}
+    if sweep == "blockcall":
+        return {f"{name} @K={k} {variant}" for name in fused | {"unfused"} for k in ("1e+01", "1e+05")
+                for variant in BLOCK_CALL_VARIANTS}
+    return fused | {f"{name} @no blocks" for name in fused} | {"unfused", "torch_fused", "torch_adam"}
+
+
+def test_block_call_and_small_model_candidates_produced_numbers(forward_run):
+    _, records, _ = forward_run
+    assert set(records) == {"blockcall", "smallmodel"}
+    for sweep, record in records.items():
+        assert set(record["results"]) == expected_forward_candidates(sweep)
+        assert record["skipped"] == {}
+        for entry in record["results"].values():
+            assert set(entry) == RESULT_FIELDS
+            assert len(entry["samples_s"]) == 2
+            assert 0 < entry["min_s"] <= entry["median_s"] <= entry["max_s"]
+    # The small model's floor is torch's fused Adam; a block call has no optimizer step to compare with.
+    assert records["smallmodel"]["results"]["torch_fused"]["ratio_to_torch_fused"] == 1.0
+    assert all(entry["ratio_to_torch_fused"] is None for entry in records["blockcall"]["results"].values())
+
+
+def test_block_call_and_small_model_agree_with_the_oracle(forward_run):
+    """Each fused call gives the hand-written call's term and gradient; each constrained step the oracle's
+    multipliers and parameters; the unconstrained steps torch's fused Adam's parameters."""
+    _, records, _ = forward_run
+    call = records["blockcall"]
+    assert set(call["agreement"]) == {name for name in call["results"] if name.startswith("fused:")}
+    for entry in call["agreement"].values():
+        assert set(entry) == {"multipliers_vs_unfused", "params_vs_unfused"}
+        assert max(entry.values()) < 1e-5, entry
+    model = records["smallmodel"]
+    fused = {f"fused:{name}" for name in fused_backends(torch.device("cpu"))}
+    assert set(model["agreement"]) == fused | {f"{name} @no blocks" for name in fused} | {"torch_adam"}
+    for name, entry in model["agreement"].items():
+        expected = {"params_vs_torch_fused"} if " @" in name or name == "torch_adam" else \
+            {"multipliers_vs_unfused", "params_vs_unfused"}
+        assert set(entry) == expected, name
+        assert max(entry.values()) < 1e-5, (name, entry)
+
+
+def test_small_model_oracle_moves_the_multipliers():
+    """The agreement above is not vacuous: after a few steps some multipliers are positive, and every
+    backend's equal the hand-written ones."""
+    factories = small_model_candidates(SmallModelData(SmallModelProblem(), torch.device("cpu")),
+                                       fused_backends(torch.device("cpu")))
+    candidates = {name: factory() for name, factory in factories.items()
+                  if name == "unfused" or (name.startswith("fused:") and " @" not in name)}
+    for _ in range(5):
+        for candidate in candidates.values():
+            candidate.step()
+    oracle = candidates.pop("unfused").multipliers()
+    assert [m.numel() for m in oracle] == [2, 3]
+    assert all(bool((m > 0).any()) for m in oracle)
+    for name, candidate in candidates.items():
+        for mine, expected in zip(candidate.multipliers(), oracle):
+            torch.testing.assert_close(mine, expected, rtol=0, atol=1e-6, msg=name)
+
+
+def test_block_call_and_small_model_targets(forward_run):
+    out, _, results = forward_run
+    fused = {f"fused:{name}" for name in fused_backends(torch.device("cpu"))}
+    by_name: dict[str, list[dict]] = {}
+    for target in results["targets"]:
+        by_name.setdefault(target["target"], []).append(target)
+    assert set(by_name) == {"block_call_flat_in_k", "small_model_constraint_cost"}
+    # One row per variant (forward + backward, forward alone) for the call, one for the small model.
+    call_rows = [(t["candidate"], variant) for t in by_name["block_call_flat_in_k"]
+                 for variant in BLOCK_CALL_VARIANTS if f"({variant})" in t["case"]]
+    assert sorted(call_rows) == sorted((name, variant) for name in fused for variant in BLOCK_CALL_VARIANTS)
+    assert {t["candidate"] for t in by_name["small_model_constraint_cost"]} == fused
+    markdown = (out / "results.md").read_text()
+    for target in results["targets"]:
+        assert target["threshold"] == 1.5 and target["comparison"] == "<="
+        assert target["met"] == (target["value"] <= 1.5)
+        assert f"| {target['target']} | {target['case']} |" in markdown
+        assert f"{target['value']:.2f} " in markdown
+    for sweep in ("blockcall", "smallmodel"):
+        assert f"## Sweep `{sweep}`" in markdown

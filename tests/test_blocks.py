@@ -29,6 +29,11 @@ def step(optimizer, param, *terms_fns) -> None:
     optimizer.zero_grad()
 
 
+# The grouped blocks' old defaults (this step's group means, plain projected ascent), for tests of those
+# semantics; the defaults themselves are tested in test_dual_defaults.py.
+BATCH_ASCENT = dict(estimator="batch", dual_rule="ascent")
+
+
 def ascent(lam: list[float], g: list[float], lr: float, lower: float = 0.0, upper: float = math.inf) -> list[float]:
     return [min(max(lam_k + lr * g_k, lower), upper) for lam_k, g_k in zip(lam, g)]
 
@@ -77,7 +82,8 @@ def test_indexed_duplicates_are_summed_for_the_dual_and_each_gets_its_multiplier
 def test_grouped_is_the_group_mean_minus_a_per_group_bound(backend):
     optimizer, param = optimizer_with_param(backend)
     bound = torch.tensor([0.1, 0.2, 0.3, 0.4])
-    block = optimizer.add_constraint("groups", kind="grouped", num_constraints=4, bound=bound, dual_lr=0.5)
+    block = optimizer.add_constraint("groups", kind="grouped", num_constraints=4, bound=bound, dual_lr=0.5,
+                                     **BATCH_ASCENT)
     values = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0], requires_grad=True)
     ids = torch.tensor([0, 0, 1, 2, 2])
     step(optimizer, param, lambda: block(values, ids=ids))
@@ -95,7 +101,7 @@ def test_grouped_is_the_group_mean_minus_a_per_group_bound(backend):
 def test_grouped_to_overall_measures_each_group_against_the_batch_mean(backend):
     optimizer, param = optimizer_with_param(backend)
     block = optimizer.add_constraint("parity", kind="grouped", num_constraints=3, sense="==", dual_lr=1.0,
-                                     to_overall=True)
+                                     to_overall=True, **BATCH_ASCENT)
     values = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0], requires_grad=True)
     ids = torch.tensor([0, 0, 1, 2, 2])
     step(optimizer, param, lambda: block(values, ids=ids))

@@ -155,7 +155,9 @@ def run_ours(problem: Problem, backend: str) -> list:
     optimizer = optimizer_cls([theta], backend=backend, **problem.primal_options)
     blocks = {}
     for c in problem.constraints:
-        rule = dict(dual_rule="nupi", **c.nupi) if c.nupi else {}
+        # Cooper updates multipliers with this step's estimates: the batch estimator, whatever the kind's default.
+        rule = dict(dual_rule="nupi", **c.nupi) if c.nupi else dict(dual_rule="ascent")
+        rule["estimator"] = "batch"
         blocks[c.name] = optimizer.add_constraint(c.name, kind=c.kind, num_constraints=c.num_constraints,
                                                   sense=c.sense, bound=c.bound, dual_lr=c.dual_lr,
                                                   to_overall=c.to_overall, **rule)

@@ -15,6 +15,9 @@ from fused_lagrangian import ConstraintInputError, LagrangianSGD
 from fused_lagrangian.grouping import segments
 
 PACKAGE = Path(fused_lagrangian.__file__).parent
+# Closed forms below are one step of plain projected ascent on this batch's estimate (grouped blocks
+# default to nuPI on a running estimate).
+PLAIN_ASCENT = dict(dual_rule="ascent", kp=0.0, estimator="batch")
 # The apps that still live inside the package while they move out (issue #15): their own import
 # circles (demo <-> demo_plots) are not the library's.  Drop this once they are gone.
 APPS = ("demo", "demo_plots", "examples", "cli", "benchmarks", "data")
@@ -111,7 +114,8 @@ def test_finite_float64_values_beyond_fp32_range_raise_and_change_nothing(backen
 
 def test_fp16_values_with_a_bound_outside_fp16_range_are_measured_in_fp32(backend):
     optimizer, param = _optimizer(backend)
-    block = optimizer.add_constraint("rows", kind="grouped", num_constraints=2, sense="==", bound=1e5, dual_lr=1e-5)
+    block = optimizer.add_constraint("rows", kind="grouped", num_constraints=2, sense="==", bound=1e5, dual_lr=1e-5,
+                                     **PLAIN_ASCENT)
     values = torch.tensor([1.0, 3.0], dtype=torch.float16, requires_grad=True)
     term = block(values, ids=torch.tensor([0, 1]))
     assert term.dtype == torch.float32 and math.isfinite(term.item())
@@ -187,7 +191,7 @@ def test_segments_count_and_sum_per_id_with_batch_sized_buffers(num_constraints)
 def test_multi_membership_groups_closed_form(backend, to_overall):
     optimizer, param = _optimizer(backend)
     block = optimizer.add_constraint("groups", kind="grouped", num_constraints=4, bound=torch.tensor([0.0, 0.5, 1.0, 0.0]),
-                                     dual_lr=0.5, to_overall=to_overall)
+                                     dual_lr=0.5, to_overall=to_overall, **PLAIN_ASCENT)
     # sample 0 in groups 0 and 1, sample 1 in group 1, sample 2 in groups 2 and 0; group 3 untouched
     ids = torch.tensor([[0, 1], [1, -1], [2, 0]])
     values = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..contract import DUAL_HPARAMS, PRIMAL_HPARAMS, STATS_COLUMNS, Algorithm, DualFlag, PrimalFlag
+from ..contract import DUAL_HPARAMS, PRIMAL_HPARAMS, STATS_COLUMNS, Algorithm, DualFlag, PrimalFlag, dual_state_rows
 from .registry import Backend, register
 
 
@@ -123,23 +123,32 @@ def _sgd(param, grad, momentum_buffer, *, hp, flags) -> None:
     param.add_(direction, alpha=-lr)
 
 
-def _dual_ascent(lam: Tensor, xi: Tensor, ids: Tensor, violations: Tensor, hp, flags: DualFlag) -> Tensor:
+def _dual_ascent(lam: Tensor, state: Tensor, ids: Tensor, violations: Tensor, hp, flags: DualFlag) -> Tensor:
     """Projected ascent of the touched multipliers of one block; returns its statistics row."""
-    lr, kp, ki, nu, damping, lower, upper = hp
+    lr, kp, ki, nu, damping, lower, upper, decay = hp
     if ids.numel() == 0:
         return torch.zeros(STATS_COLUMNS, dtype=torch.float32, device=lam.device)
     touched, slot = torch.unique(ids, return_inverse=True)
-    g = torch.zeros(touched.numel(), dtype=torch.float32, device=lam.device).index_add_(0, slot, violations)
-    if flags & DualFlag.MEAN:
-        counts = torch.zeros_like(g).index_add_(0, slot, torch.ones_like(violations))
-        g = g / counts
-    if not flags & DualFlag.FROZEN:
+    sums = torch.zeros(touched.numel(), dtype=torch.float32, device=lam.device).index_add_(0, slot, violations)
+    counts = torch.zeros_like(sums).index_add_(0, slot, torch.ones_like(violations))
+    frozen = bool(flags & DualFlag.FROZEN)
+    rows = None if frozen else state.view(dual_state_rows(flags)[0], lam.numel())
+    if not frozen and flags & DualFlag.RUNNING:
+        sum_row = dual_state_rows(flags)[1]
+        running_sum = decay * rows[sum_row, touched] + sums
+        running_count = decay * rows[sum_row + 1, touched] + counts
+        rows[sum_row, touched] = running_sum
+        rows[sum_row + 1, touched] = running_count
+        g = running_sum / running_count
+    else:
+        g = sums / counts if flags & DualFlag.MEAN else sums
+    if not frozen:
         lam_k = lam[touched]
         if flags & DualFlag.NUPI:
-            xi_k = xi[touched]
+            xi_k = rows[0, touched]
             xi_new = nu * xi_k + (1 - nu) * g
             direction = ki * g + kp * (xi_new - xi_k)
-            xi[touched] = xi_new
+            rows[0, touched] = xi_new
         else:
             direction = g
         lam_k = (lam_k + lr * (direction - damping * lam_k)).clamp_(lower, upper)

@@ -36,7 +36,8 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.autograd.graph import increment_version
 
-from ..contract import DUAL_HPARAMS, PRIMAL_HPARAMS, STATS_COLUMNS, Algorithm, hparams_tensor
+from ..contract import (DUAL_HPARAMS, PRIMAL_HPARAMS, STATS_COLUMNS, Algorithm, DualFlag, DualSlot, dual_state_rows,
+                        hparams_tensor)
 from .registry import Backend, register
 
 PRIMAL_BLOCK = 1024
@@ -171,7 +172,7 @@ def _launch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, primal
     ids = [i if i.dtype == torch.int64 and i.is_contiguous() else i.to(torch.int64).contiguous() for i in ids]
     violations = [v if v.dtype == torch.float32 and v.is_contiguous() else v.float().contiguous() for v in violations]
 
-    dual = _dual_plan(device, multipliers, dual_states, ids, violations)
+    dual = _dual_plan(device, multipliers, dual_states, ids, violations, dual_flags)
     workspace = _workspace(device, dual.num_constraints)
     # A fixed, 16-byte aligned address the kernel addresses parameters from; also the pointer passed
     # for arguments this call does not use.
@@ -340,29 +341,37 @@ def _is_dense(tensor: Tensor) -> bool:
     return True
 
 
-def _dual_plan(device, multipliers, dual_states, ids, violations) -> _DualPlan:
+def _dual_plan(device, multipliers, dual_states, ids, violations, dual_flags) -> _DualPlan:
     key = (device, *(tuple(map(Tensor.data_ptr, tensors)) for tensors in (multipliers, dual_states, ids, violations)),
-           tuple(map(Tensor.numel, multipliers)), tuple(map(Tensor.numel, ids)))
-    return _dual_plans.get(key, lambda: _build_dual_plan(device, multipliers, dual_states, ids, violations))
+           tuple(map(Tensor.numel, multipliers)), tuple(map(Tensor.numel, ids)), tuple(dual_flags))
+    return _dual_plans.get(key, lambda: _build_dual_plan(device, multipliers, dual_states, ids, violations,
+                                                          dual_flags))
 
 
-def _build_dual_plan(device, multipliers, dual_states, ids, violations) -> _DualPlan:
+def _build_dual_plan(device, multipliers, dual_states, ids, violations, dual_flags) -> _DualPlan:
     from . import triton_kernels as k
 
     table = [[0] * len(multipliers) for _ in range(k.BLOCK_ROWS.value)]
     programs = []
     offset = 0
     first_program = 0
-    for j, (lam, xi, block_ids, block_violations) in enumerate(zip(multipliers, dual_states, ids, violations)):
+    for j, (lam, state, block_ids, block_violations) in enumerate(zip(multipliers, dual_states, ids, violations)):
         if lam.dtype != torch.float32 or not lam.is_contiguous() or lam.device != device:
             raise ValueError(f"triton backend: multipliers[{j}] must be contiguous float32 on {device}")
-        if xi.numel() and (xi.dtype != torch.float32 or not xi.is_contiguous() or xi.shape != lam.shape):
-            raise ValueError(f"triton backend: dual_states[{j}] must be empty or match multipliers[{j}]")
+        num_rows, sum_row = dual_state_rows(dual_flags[j])
+        if not dual_flags[j] & DualFlag.FROZEN and num_rows and (
+                state.dtype != torch.float32 or not state.is_contiguous() or state.numel() != num_rows * lam.numel()):
+            raise ValueError(f"triton backend: dual_states[{j}] must be contiguous float32 with {num_rows} rows of "
+                             f"{lam.numel()} (the state its flags ask for)")
         if block_ids.shape != block_violations.shape or block_ids.dim() != 1 or block_ids.device != device:
             raise ValueError(f"triton backend: ids[{j}] and violations[{j}] must be 1-D, equal length, on {device}")
         rows = (k.BLOCK_MULTIPLIERS, k.BLOCK_DUAL_STATE, k.BLOCK_IDS, k.BLOCK_VIOLATIONS)
-        for row, tensor in zip(rows, (lam, xi, block_ids, block_violations)):
+        for row, tensor in zip(rows, (lam, state, block_ids, block_violations)):
             table[row.value][j] = tensor.data_ptr()
+        if dual_flags[j] & DualFlag.RUNNING and state.numel():
+            row_bytes = lam.numel() * state.element_size()
+            table[k.BLOCK_RUNNING_SUMS.value][j] = state.data_ptr() + sum_row * row_bytes
+            table[k.BLOCK_RUNNING_COUNTS.value][j] = state.data_ptr() + (sum_row + 1) * row_bytes
         programs.append(math.ceil(block_ids.numel() / SAMPLE_BLOCK))
         table[k.BLOCK_NUM_SAMPLES.value][j] = block_ids.numel()
         table[k.BLOCK_FIRST_PROGRAM.value][j] = first_program
@@ -403,8 +412,9 @@ def _dual_settings_table(hparams: list[float], flags: list[int]) -> Tensor:
 
     rows = []
     for j, flag in enumerate(flags):
-        lr, kp, ki, nu, damping, lower, upper = hparams[j * DUAL_HPARAMS:(j + 1) * DUAL_HPARAMS]
-        rows.append([lr, kp, ki, nu, damping, lower, upper, 1 - nu, flag])
+        # contract.DualSlot's values first (the kernel's D_* columns), then what the kernel derives.
+        slots = hparams[j * DUAL_HPARAMS:(j + 1) * DUAL_HPARAMS]
+        rows.append([*slots, 1 - slots[DualSlot.NU], flag])
     return torch.tensor(rows, dtype=torch.float64).reshape(len(flags), DUAL_SETTINGS.value)
 
 

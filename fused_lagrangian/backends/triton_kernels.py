@@ -67,7 +67,9 @@ BLOCK_VIOLATIONS: tl.constexpr = tl.constexpr(3)
 BLOCK_NUM_SAMPLES: tl.constexpr = tl.constexpr(4)
 BLOCK_FIRST_PROGRAM: tl.constexpr = tl.constexpr(5)
 BLOCK_ACCUMULATOR_OFFSET: tl.constexpr = tl.constexpr(6)
-BLOCK_ROWS: tl.constexpr = tl.constexpr(7)
+BLOCK_RUNNING_SUMS: tl.constexpr = tl.constexpr(7)  # rows S and N of the dual state (RUNNING), else unused
+BLOCK_RUNNING_COUNTS: tl.constexpr = tl.constexpr(8)
+BLOCK_ROWS: tl.constexpr = tl.constexpr(9)
 
 # Columns of the float64 per-block settings.
 D_LR: tl.constexpr = tl.constexpr(0)
@@ -77,9 +79,10 @@ D_NU: tl.constexpr = tl.constexpr(3)
 D_DAMPING: tl.constexpr = tl.constexpr(4)
 D_LOWER: tl.constexpr = tl.constexpr(5)
 D_UPPER: tl.constexpr = tl.constexpr(6)
-D_ONE_MINUS_NU: tl.constexpr = tl.constexpr(7)
-D_FLAGS: tl.constexpr = tl.constexpr(8)
-DUAL_SETTINGS: tl.constexpr = tl.constexpr(9)
+D_DECAY: tl.constexpr = tl.constexpr(7)
+D_ONE_MINUS_NU: tl.constexpr = tl.constexpr(8)
+D_FLAGS: tl.constexpr = tl.constexpr(9)
+DUAL_SETTINGS: tl.constexpr = tl.constexpr(10)
 
 # Storage dtype codes of parameter tensors (and bits of the DTYPES constexpr: 1 << code).
 DTYPE_CODES = {"float32": 0, "bfloat16": 1, "float16": 2}
@@ -94,6 +97,7 @@ MEAN: tl.constexpr = tl.constexpr(1)
 NUPI: tl.constexpr = tl.constexpr(2)
 RESTART: tl.constexpr = tl.constexpr(4)
 FROZEN: tl.constexpr = tl.constexpr(8)
+RUNNING: tl.constexpr = tl.constexpr(16)
 
 ADAM: tl.constexpr = tl.constexpr(1)
 
@@ -205,6 +209,10 @@ def _finalise_chunk(chunk, block_table, sample_owner, dual_settings, num_blocks,
     if block >= 0:
         multipliers = tl.load(block_table + BLOCK_MULTIPLIERS * num_blocks + block).to(tl.pointer_type(tl.float32))
         dual_state = tl.load(block_table + BLOCK_DUAL_STATE * num_blocks + block).to(tl.pointer_type(tl.float32))
+        running_sums = tl.load(block_table + BLOCK_RUNNING_SUMS * num_blocks + block).to(
+            tl.pointer_type(tl.float32))
+        running_counts = tl.load(block_table + BLOCK_RUNNING_COUNTS * num_blocks + block).to(
+            tl.pointer_type(tl.float32))
         ids = tl.load(block_table + BLOCK_IDS * num_blocks + block).to(tl.pointer_type(tl.int64))
         num_samples = tl.load(block_table + BLOCK_NUM_SAMPLES * num_blocks + block)
         first_program = tl.load(block_table + BLOCK_FIRST_PROGRAM * num_blocks + block)
@@ -218,9 +226,11 @@ def _finalise_chunk(chunk, block_table, sample_owner, dual_settings, num_blocks,
         lower = tl.load(settings + D_LOWER).to(tl.float32)
         upper = tl.load(settings + D_UPPER).to(tl.float32)
         one_minus_nu = tl.load(settings + D_ONE_MINUS_NU).to(tl.float32)
+        decay = tl.load(settings + D_DECAY).to(tl.float32)
         flags = tl.load(settings + D_FLAGS).to(tl.int32)
         updates = (flags & FROZEN) == 0
         nupi = (flags & NUPI) != 0
+        running = (flags & (RUNNING | FROZEN)) == RUNNING
         pairs = accumulators.to(tl.pointer_type(tl.int64), bitcast=True) + offset
         start = (chunk - first_program).to(tl.int64) * SAMPLE_BLOCK
         touched = tl.zeros([BLOCK], dtype=tl.float32)
@@ -236,6 +246,8 @@ def _finalise_chunk(chunk, block_table, sample_owner, dual_settings, num_blocks,
                 lam_mask = tl.where(updates, in_range, False)
                 lam = tl.load(multipliers + k, mask=lam_mask, other=0.0)
                 xi = tl.load(dual_state + k, mask=tl.where(nupi, lam_mask, False), other=0.0)
+                old_sum = tl.load(running_sums + k, mask=tl.where(running, lam_mask, False), other=0.0)
+                old_count = tl.load(running_counts + k, mask=tl.where(running, lam_mask, False), other=0.0)
                 # Exactly once per constraint: a duplicate id finds the pair already exchanged to 0.
                 pair = tl.atomic_xchg(pairs + k, tl.zeros([BLOCK], dtype=tl.int64), mask=in_range,
                                       sem="relaxed")
@@ -245,6 +257,12 @@ def _finalise_chunk(chunk, block_table, sample_owner, dual_settings, num_blocks,
                 g = total
                 if (flags & MEAN) != 0:
                     g = tl.div_rn(total, tl.maximum(count, 1).to(tl.float32))
+                if running:
+                    running_sum = decay * old_sum + total
+                    running_count = decay * old_count + count.to(tl.float32)
+                    tl.store(running_sums + k, running_sum, mask=claimed)
+                    tl.store(running_counts + k, running_count, mask=claimed)
+                    g = tl.div_rn(running_sum, tl.where(claimed, running_count, 1.0))
                 if updates:
                     direction = g
                     if nupi:

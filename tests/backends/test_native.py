@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from fused_lagrangian import LagrangianAdam, LagrangianAdamW, LagrangianSGD, backends
-from fused_lagrangian.contract import DUAL_HPARAMS, Algorithm, DualFlag, PrimalFlag, hparams_tensor
+from fused_lagrangian.contract import DUAL_HPARAMS, Algorithm, DualFlag, PrimalFlag, dual_state_rows, hparams_tensor
 
 NATIVE_REASON = backends.unavailable_reason("native", "cpu")
 pytestmark = pytest.mark.skipif(NATIVE_REASON is not None, reason=f"native backend: {NATIVE_REASON}")
@@ -116,15 +116,15 @@ def random_problem(seed: int, algorithm: Algorithm, dtype: torch.dtype, primal_f
     batches[0] = 0  # one block with nothing pending this step: untouched, zero statistics
     dual_hparams, dual_flags, multipliers, dual_states = [], [], [], []
     for j, k in enumerate(num_constraints):
-        flags = DualFlag(int(torch.randint(0, 16, (), generator=g)))
+        flags = DualFlag(int(torch.randint(0, 32, (), generator=g)))
         equality = j % 2 == 1
         upper = [math.inf, 0.7][j % 2 == 0 and j > 0]
         lower = -upper if equality else 0.0
-        dual_hparams += [0.05 + j * 0.1, 0.7, 1.3, 0.4, [0.0, 0.01][j % 2], lower, upper]
+        dual_hparams += [0.05 + j * 0.1, 0.7, 1.3, 0.4, [0.0, 0.01][j % 2], lower, upper, 0.9]
         dual_flags.append(int(flags))
         lam = torch.rand(k, generator=g) * (2 if equality else 1) - (1 if equality else 0)
         multipliers.append(lam)
-        dual_states.append(torch.randn(k, generator=g) if flags & DualFlag.NUPI else torch.empty(0))
+        dual_states.append(random_dual_state(flags, k, g))
     moved = [[t.to(device) for t in tensors] for tensors in (params, grads, exp_avgs, exp_avg_sqs,
                                                              max_exp_avg_sqs, steps, multipliers, dual_states)]
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, multipliers, dual_states = moved
@@ -135,6 +135,15 @@ def random_problem(seed: int, algorithm: Algorithm, dtype: torch.dtype, primal_f
     problem = Problem(args, num_constraints, batches, g, device)
     problem.new_batch()
     return problem
+
+
+def random_dual_state(flags: DualFlag, k: int, g: torch.Generator) -> torch.Tensor:
+    """contract.py's rows for ``flags``: xi ~ N(0, 1), running sums ~ N(0, 1), running counts in (0, 5)."""
+    rows, sum_row = dual_state_rows(flags)
+    state = torch.randn(rows, k, generator=g)
+    if flags & DualFlag.RUNNING:
+        state[sum_row + 1] = 5 * torch.rand(k, generator=g) + 1e-3
+    return state if rows > 1 else state.flatten()
 
 
 def tensors_of(problem: Problem) -> list[torch.Tensor]:
@@ -191,7 +200,9 @@ def compare_with_reference(candidate_step, case: int, dtype: torch.dtype, device
             untouched[ids] = False
             assert torch.equal(candidate.multipliers[j][untouched], multipliers_before[j][untouched])
             if states_before[j].numel():
-                assert torch.equal(candidate.dual_states[j][untouched], states_before[j][untouched])
+                k = candidate.num_constraints[j]
+                assert torch.equal(candidate.dual_states[j].view(-1, k)[:, untouched],
+                                   states_before[j].view(-1, k)[:, untouched])
         assert stats[0].eq(0).all(), "a block with no pending sample has zero statistics"
         after_step()
         candidate.new_batch()
@@ -247,7 +258,7 @@ def test_large_indexed_block_touches_only_its_batch(device):
     ids[:3] = torch.tensor([0, k - 1, 0])
     ids = ids.to(device)
     violations = torch.randn(batch, generator=g).to(device)
-    hp = [0.1, 0.0, 1.0, 0.0, 0.0, 0.0, math.inf]
+    hp = [0.1, 0.0, 1.0, 0.0, 0.0, 0.0, math.inf, 0.0]
     expected = lam.clone()
     empty = torch.empty(0, device=device)
     reference_step()([], [], [], [], [], [], [], [], 1, [expected], [empty], [ids], [violations], hp, [0])
@@ -270,9 +281,9 @@ def test_int32_ids_and_channels_last_params(device):
     hp = [1e-2, 0.9, 0.999, 1e-8, 0.0]
     expected = [t.clone() for t in (param, exp_avg, exp_avg_sq, lam)]
     reference_step()([expected[0]], [grad], [expected[1]], [expected[2]], [empty], [step.clone()], hp, [0], 1,
-                     [expected[3]], [empty], [ids.long()], [violations], [0.1, 0, 1, 0, 0, 0, math.inf], [0])
+                     [expected[3]], [empty], [ids.long()], [violations], [0.1, 0, 1, 0, 0, 0, math.inf, 0], [0])
     native_step()([param], [grad], [exp_avg], [exp_avg_sq], [empty], [step], hp, [0], 1,
-                  [lam], [empty], [ids], [violations], [0.1, 0, 1, 0, 0, 0, math.inf], [0])
+                  [lam], [empty], [ids], [violations], [0.1, 0, 1, 0, 0, 0, math.inf, 0], [0])
     for got, want in zip((param, exp_avg, exp_avg_sq, lam), expected):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     assert lam.tolist()[:2] == pytest.approx([0.0, 0.4]) and lam[9].item() == pytest.approx(0.2)
@@ -284,7 +295,7 @@ def test_bad_input_raises_and_changes_nothing():
     lam = torch.zeros(4)
     before = (param.clone(), lam.clone())
     sgd = ([param], [grad], [buffer], [], [], [], [0.1, 0.9, 0.0, 0.0, 0.0], [16], 0)
-    hp = [0.1, 0, 1, 0, 0, 0, math.inf]
+    hp = [0.1, 0, 1, 0, 0, 0, math.inf, 0]
     with pytest.raises(RuntimeError, match=r"ids\[0\] has 1 id\(s\) outside \[0, 4\)"):
         native_step()(*sgd, [lam], [torch.empty(0)], [torch.tensor([0, 4])], [torch.ones(2)], hp, [0])
     with pytest.raises(RuntimeError, match="violations"):

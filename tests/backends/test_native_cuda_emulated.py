@@ -70,7 +70,7 @@ def test_cuda_kernel_dual_only_call_with_int32_ids(emulated):
     ids = torch.tensor([1, 9, 1, 0], dtype=torch.int32)
     violations = torch.tensor([1.0, 2.0, 3.0, -1.0])
     stats = emulated.fused_step([], [], [], [], [], [], hparams_tensor([]), [], 1, [lam], [torch.empty(0)], [ids],
-                                [violations], hparams_tensor([0.1, 0, 1, 0, 0, 0, math.inf]), [0])
+                                [violations], hparams_tensor([0.1, 0, 1, 0, 0, 0, math.inf, 0]), [0])
     assert lam[0].item() == 0.0 and lam[1].item() == pytest.approx(0.4) and lam[9].item() == pytest.approx(0.2)
     assert stats.tolist() == [[3.0, pytest.approx(4.0), 2.0]]
     assert emulated.workspace_is_clean()

@@ -28,6 +28,7 @@ from fused_lagrangian.backends import triton_kernels  # noqa: E402
 from fused_lagrangian.contract import Algorithm, DualFlag, PrimalFlag, hparams_tensor  # noqa: E402
 from fused_lagrangian.ops.lagrangian_term import lagrangian_term  # noqa: E402
 from fused_lagrangian.ops.lagrangian_term_triton import lagrangian_term_triton  # noqa: E402
+from test_native import random_dual_state  # noqa: E402
 
 if type(triton_kernels.fused_step_kernel).__name__ != "InterpretedFunction":
     pytest.skip("the triton kernels were defined before TRITON_INTERPRET=1 was set", allow_module_level=True)
@@ -68,13 +69,13 @@ def primal_args(gen, algorithm, sizes=SIZES, dtypes=None, hparams=None, flags=0,
 
 
 def block(gen, num_constraints, num_samples, flags=0, lr=0.1, kp=0.5, ki=1.0, nu=0.3, damping=0.0, lower=0.0,
-          upper=INF, id_range=None):
+          upper=INF, decay=0.8, id_range=None):
     """One constraint block's (multipliers, dual_state, ids, violations, hparams, flags)."""
     lam = torch.rand(num_constraints, generator=gen) if lower == 0 else torch.randn(num_constraints, generator=gen)
-    xi = torch.randn(num_constraints, generator=gen) if flags & DualFlag.NUPI else torch.empty(0)
+    state = random_dual_state(DualFlag(flags), num_constraints, gen)
     ids = torch.randint(0, id_range or num_constraints, (num_samples,), generator=gen)
     violations = torch.randn(num_samples, generator=gen)
-    return lam, xi, ids, violations, [lr, kp, ki, nu, damping, lower, upper], int(flags)
+    return lam, state, ids, violations, [lr, kp, ki, nu, damping, lower, upper, decay], int(flags)
 
 
 def dual_args(blocks):
@@ -226,6 +227,10 @@ def test_found_inf_skips_everything():
     (DualFlag.FROZEN, {}),  # penalty formulations: statistics only
     (0, {"lower": -INF}),  # equality: no projection, |g| statistics
     (DualFlag.NUPI, {"lower": -0.5, "upper": 0.5}),
+    (DualFlag.RUNNING | DualFlag.MEAN, {}),  # running ratio estimate S / N
+    (DualFlag.RUNNING | DualFlag.NUPI | DualFlag.MEAN, {"kp": 2.0, "decay": 0.95}),  # xi row, then S and N
+    (DualFlag.RUNNING | DualFlag.NUPI | DualFlag.RESTART, {"lower": -INF}),
+    (DualFlag.RUNNING | DualFlag.FROZEN, {}),  # frozen: the running state is not read
 ])
 def test_dual_rules_match_reference(flags, options, finaliser):
     gen = torch.Generator().manual_seed(8)
@@ -241,15 +246,17 @@ def test_several_blocks_with_empty_and_untouched_ones(finaliser):
         block(gen, 500, 1500, DualFlag.NUPI, id_range=100),  # constraints 100.. never touched
         block(gen, 7, 0),  # empty this step
         block(gen, 3, 3, DualFlag.MEAN, lower=-INF),  # dense equality block
-        block(gen, 1200, 1100, DualFlag.RESTART),
+        block(gen, 1200, 1100, DualFlag.RESTART | DualFlag.RUNNING, id_range=1000),  # 1000.. never touched
     ]
     args = call(primal_args(gen, Algorithm.ADAM, sizes=(2000,)), Algorithm.ADAM, dual_args(blocks))
     untouched_before = (args[9][0][100:].clone(), args[10][0][100:].clone())
+    running_before = args[10][3].clone()
     actual, expected, stats, expected_stats = run_both(args)
     assert_same(actual, expected, stats, expected_stats)
     assert torch.equal(actual[9][0][100:], untouched_before[0]) and torch.equal(actual[10][0][100:],
                                                                                untouched_before[1])
     assert stats[1].tolist() == [0.0, 0.0, 0.0]
+    assert torch.equal(actual[10][3][:, 1000:], running_before[:, 1000:])
 
 
 def test_dual_only_call(finaliser):
@@ -492,7 +499,7 @@ _COMPILE_CHECK = textwrap.dedent("""
     def step(p, g, m, v, s, lam, ids, e):
         return torch.ops.fused_lagrangian.fused_step_triton(
             [p], [g], [m], [v], [torch.empty(0)], [s], hparams_tensor([1e-3, 0.9, 0.999, 1e-8, 0.0]), [0], 1,
-            [lam], [torch.empty(0)], [ids], [e], hparams_tensor([0.1, 0, 1, 0, 0, 0, float("inf")]), [0], None, None)
+            [lam], [torch.empty(0)], [ids], [e], hparams_tensor([0.1, 0, 1, 0, 0, 0, float("inf"), 0]), [0], None, None)
     graph = make_fx(step, tracing_mode="fake")(torch.randn(8), torch.randn(8), torch.zeros(8), torch.zeros(8),
                                                torch.zeros(()), torch.zeros(4), torch.zeros(3, dtype=torch.long),
                                                torch.randn(3))
