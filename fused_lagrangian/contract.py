@@ -24,7 +24,7 @@ Dual side, one entry per constraint block ``j`` with K_j constraints:
     multipliers[j]          (K_j,) fp32 multipliers
     dual_states[j]          (R_j, K_j) contiguous fp32 per-constraint dual state, one row per quantity
                             the flags ask for, in this order (``dual_state_rows``):
-                              NUPI     xi, the smoothed error
+                              NUPI     the smoothed errors xi (named smoothed_errors in every backend)
                               RUNNING  S, the running violation sum, then N, the running sample count
                             numel 0 when R_j = 0; a (K_j,) tensor stands for (1, K_j); not read
                             with FROZEN

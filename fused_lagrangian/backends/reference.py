@@ -145,10 +145,10 @@ def _dual_ascent(lam: Tensor, state: Tensor, ids: Tensor, violations: Tensor, hp
     if not frozen:
         lam_k = lam[touched]
         if flags & DualFlag.NUPI:
-            xi_k = rows[0, touched]
-            xi_new = nu * xi_k + (1 - nu) * g
-            direction = ki * g + kp * (xi_new - xi_k)
-            rows[0, touched] = xi_new
+            smoothed_error = rows[0, touched]
+            new_smoothed_error = nu * smoothed_error + (1 - nu) * g
+            direction = ki * g + kp * (new_smoothed_error - smoothed_error)
+            rows[0, touched] = new_smoothed_error
         else:
             direction = g
         lam_k = (lam_k + lr * (direction - damping * lam_k)).clamp_(lower, upper)

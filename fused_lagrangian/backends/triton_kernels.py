@@ -208,7 +208,9 @@ def _finalise_chunk(chunk, block_table, sample_owner, dual_settings, num_blocks,
     block = tl.load(sample_owner + chunk)
     if block >= 0:
         multipliers = tl.load(block_table + BLOCK_MULTIPLIERS * num_blocks + block).to(tl.pointer_type(tl.float32))
-        dual_state = tl.load(block_table + BLOCK_DUAL_STATE * num_blocks + block).to(tl.pointer_type(tl.float32))
+        # The dual state's first row: nuPI's smoothed errors (contract.dual_state_rows).
+        smoothed_errors = tl.load(block_table + BLOCK_DUAL_STATE * num_blocks + block).to(
+            tl.pointer_type(tl.float32))
         running_sums = tl.load(block_table + BLOCK_RUNNING_SUMS * num_blocks + block).to(
             tl.pointer_type(tl.float32))
         running_counts = tl.load(block_table + BLOCK_RUNNING_COUNTS * num_blocks + block).to(
@@ -245,7 +247,7 @@ def _finalise_chunk(chunk, block_table, sample_owner, dual_settings, num_blocks,
                 # are used.  (tl.where, not `&`: the interpreter mishandles a block `&` a scalar.)
                 lam_mask = tl.where(updates, in_range, False)
                 lam = tl.load(multipliers + k, mask=lam_mask, other=0.0)
-                xi = tl.load(dual_state + k, mask=tl.where(nupi, lam_mask, False), other=0.0)
+                smoothed_error = tl.load(smoothed_errors + k, mask=tl.where(nupi, lam_mask, False), other=0.0)
                 old_sum = tl.load(running_sums + k, mask=tl.where(running, lam_mask, False), other=0.0)
                 old_count = tl.load(running_counts + k, mask=tl.where(running, lam_mask, False), other=0.0)
                 # Exactly once per constraint: a duplicate id finds the pair already exchanged to 0.
@@ -266,9 +268,9 @@ def _finalise_chunk(chunk, block_table, sample_owner, dual_settings, num_blocks,
                 if updates:
                     direction = g
                     if nupi:
-                        xi_new = nu * xi + one_minus_nu * g
-                        direction = ki * g + kp * (xi_new - xi)
-                        tl.store(dual_state + k, xi_new, mask=claimed)
+                        new_smoothed_error = nu * smoothed_error + one_minus_nu * g
+                        direction = ki * g + kp * (new_smoothed_error - smoothed_error)
+                        tl.store(smoothed_errors + k, new_smoothed_error, mask=claimed)
                     lam = lam + lr * (direction - damping * lam)
                     lam = tl.minimum(tl.maximum(lam, lower), upper)
                     if (flags & RESTART) != 0:
