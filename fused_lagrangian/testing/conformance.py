@@ -263,6 +263,143 @@ def check_found_inf_and_grad_scale(candidate_step: Callable, device: str = "cpu"
             torch.testing.assert_close(a, b, **TOLERANCE[torch.float32])
 
 
+# --------------------------------------------------------------------------------------------------
+# Explicit calls: chosen sizes, blocks and flags, for what random problems reach too rarely.
+
+INF = math.inf
+# One more element than a full Triton primal program (4096), an odd tail, a tensor shorter than a tile.
+EXPLICIT_SIZES = (4097, 1023, 5)
+ADAM_HPARAMS = (1e-2, 0.9, 0.999, 1e-8, 0.0)
+SGD_HPARAMS = (1e-2, 0.9, 0.0, 0.0, 0.0)
+
+
+def primal_args(gen: torch.Generator, algorithm: Algorithm, sizes: Sequence[int] = EXPLICIT_SIZES, dtypes=None,
+                hparams=None, flags: int = 0, start_step: float = 3.0) -> tuple[list, ...]:
+    """The eight primal lists of contract.py (params .. primal_flags) for 1-D tensors of ``sizes``."""
+    dtypes = dtypes or [torch.float32] * len(sizes)
+    hparams = list(hparams or (ADAM_HPARAMS if algorithm == Algorithm.ADAM else SGD_HPARAMS))
+    lists = ([], [], [], [], [], [], [], [])
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, all_hparams, all_flags = lists
+    for n, dtype in zip(sizes, dtypes):
+        params.append(torch.randn(n, generator=gen).to(dtype))
+        grads.append(torch.randn(n, generator=gen).to(dtype))
+        if algorithm == Algorithm.ADAM:
+            exp_avgs.append((0.1 * torch.randn(n, generator=gen)).to(dtype))
+            exp_avg_sqs.append((0.01 * torch.rand(n, generator=gen)).to(dtype))
+            amsgrad = flags & PrimalFlag.AMSGRAD
+            max_exp_avg_sqs.append((0.02 * torch.rand(n, generator=gen)).to(dtype) if amsgrad
+                                   else torch.empty(0, dtype=dtype))
+            steps.append(torch.tensor(start_step))
+        else:
+            momentum = hparams[1] != 0
+            exp_avgs.append(torch.randn(n, generator=gen).to(dtype) if momentum else torch.empty(0, dtype=dtype))
+        all_hparams += hparams
+        all_flags.append(int(flags))
+    return lists
+
+
+def constraint_block(gen: torch.Generator, num_constraints: int, num_samples: int, flags: int = 0, lr=0.1, kp=0.5,
+                     ki=1.0, nu=0.3, damping=0.0, lower=0.0, upper=INF, decay=0.8, id_range=None) -> tuple:
+    """One constraint block's (multipliers, dual_state, ids, violations, hparams, flags); ids are drawn from
+    [0, id_range), so constraints id_range.. stay untouched."""
+    lam = torch.rand(num_constraints, generator=gen) if lower == 0 else torch.randn(num_constraints, generator=gen)
+    state = random_dual_state(DualFlag(flags), num_constraints, gen)
+    ids = torch.randint(0, id_range or num_constraints, (num_samples,), generator=gen)
+    violations = torch.randn(num_samples, generator=gen)
+    return lam, state, ids, violations, [lr, kp, ki, nu, damping, lower, upper, decay], int(flags)
+
+
+def dual_args(blocks: Sequence[tuple]) -> tuple[list, ...]:
+    """The six dual lists of contract.py (multipliers .. dual_flags) of ``constraint_block``s."""
+    multipliers, states, ids, violations, hparams, flags = [], [], [], [], [], []
+    for lam, state, block_ids, block_violations, block_hparams, block_flags in blocks:
+        multipliers.append(lam)
+        states.append(state)
+        ids.append(block_ids)
+        violations.append(block_violations)
+        hparams += block_hparams
+        flags.append(block_flags)
+    return multipliers, states, ids, violations, hparams, flags
+
+
+def contract_call(primal: Sequence[list], algorithm: Algorithm, dual: Sequence[list], grad_scale=None,
+                  found_inf=None) -> list:
+    """fused_step's argument list; hyperparameters become contract.py's tensors."""
+    primal, dual = list(primal), list(dual)
+    primal[6], dual[4] = hparams_tensor(primal[6]), hparams_tensor(dual[4])
+    return list(FusedStepArguments(*primal, int(algorithm), *dual, grad_scale, found_inf))
+
+
+def run_both(candidate_step: Callable, args: list, steps: int = 1) -> tuple:
+    """Runs the call ``steps`` times with the candidate and with the reference, each on its own copy of
+    ``args``: (candidate's args, reference's args, candidate's stats, reference's stats), the arguments
+    of ``assert_same_results``."""
+    expected = copy.deepcopy(args)
+    reference_step = fused_step_of("reference")
+    for _ in range(steps):
+        actual_stats = candidate_step(*args)
+        expected_stats = reference_step(*expected)
+    return args, expected, actual_stats, expected_stats
+
+
+# Every dual rule, alone in a block of 60 constraints fed 2500 samples: heavy duplication of ids.
+DUAL_RULES = [
+    (0, {}),  # indexed: sums over duplicates
+    (DualFlag.MEAN, {}),  # grouped: means
+    (DualFlag.NUPI, {"kp": 2.0, "ki": 1.0, "nu": 0.5}),
+    (DualFlag.NUPI | DualFlag.MEAN, {"damping": 0.1, "upper": 0.6}),  # damping and a cap
+    (DualFlag.RESTART, {}),
+    (DualFlag.FROZEN, {}),  # penalty formulations: statistics only
+    (0, {"lower": -INF}),  # equality: no projection, |g| statistics
+    (DualFlag.NUPI, {"lower": -0.5, "upper": 0.5}),
+    (DualFlag.RUNNING | DualFlag.MEAN, {}),  # running ratio estimate S / N
+    (DualFlag.RUNNING | DualFlag.NUPI | DualFlag.MEAN, {"kp": 2.0, "decay": 0.95}),  # xi row, then S and N
+    (DualFlag.RUNNING | DualFlag.NUPI | DualFlag.RESTART, {"lower": -INF}),
+    (DualFlag.RUNNING | DualFlag.FROZEN, {}),  # frozen: the running state is not read
+]
+
+
+def dual_rule_call(rule: int) -> list:
+    """DUAL_RULES[rule]'s block (2500 samples over 60 ids) beside an SGD step on 3000 parameters."""
+    flags, options = DUAL_RULES[rule]
+    gen = torch.Generator().manual_seed(8)
+    dual = dual_args([constraint_block(gen, 60, 2500, flags, **options)])
+    return contract_call(primal_args(gen, Algorithm.SGD, sizes=(3000,)), Algorithm.SGD, dual)
+
+
+def several_blocks_call() -> list:
+    """Four blocks: one touched only below id 100, one empty, a dense equality block, and a running one
+    touched only below id 1000 (the untouched tails must stay bitwise unchanged)."""
+    gen = torch.Generator().manual_seed(9)
+    blocks = [
+        constraint_block(gen, 500, 1500, DualFlag.NUPI, id_range=100),
+        constraint_block(gen, 7, 0),
+        constraint_block(gen, 3, 3, DualFlag.MEAN, lower=-INF),
+        constraint_block(gen, 1200, 1100, DualFlag.RESTART | DualFlag.RUNNING, id_range=1000),
+    ]
+    return contract_call(primal_args(gen, Algorithm.ADAM, sizes=(2000,)), Algorithm.ADAM, dual_args(blocks))
+
+
+def check_several_blocks(candidate_step: Callable, tolerance: dict = TOLERANCE) -> None:
+    args = several_blocks_call()
+    untouched_before = (args[MULTIPLIERS][0][100:].clone(), args[DUAL_STATES][0][100:].clone())
+    running_before = args[DUAL_STATES][3].clone()
+    actual, expected, stats, expected_stats = run_both(candidate_step, args)
+    assert_same_results(actual, expected, stats, expected_stats, tolerance)
+    assert torch.equal(actual[MULTIPLIERS][0][100:], untouched_before[0])
+    assert torch.equal(actual[DUAL_STATES][0][100:], untouched_before[1])
+    assert stats[1].tolist() == [0.0, 0.0, 0.0]
+    assert torch.equal(actual[DUAL_STATES][3][:, 1000:], running_before[:, 1000:])
+
+
+def dual_only_call() -> list:
+    """No parameter tensors (the optimizer's dual-first ordering calls the backend so)."""
+    gen = torch.Generator().manual_seed(10)
+    dual = dual_args([constraint_block(gen, 50, 2100, DualFlag.MEAN),
+                      constraint_block(gen, 9, 40, DualFlag.NUPI)])
+    return contract_call(([], [], [], [], [], [], [], []), Algorithm.ADAM, dual)
+
+
 def flags_covered(sizes: Sequence[int] = SIZES) -> DualFlag:
     """The union of the dual flags the cases' blocks draw (the tests check it is every flag)."""
     covered = DualFlag(0)

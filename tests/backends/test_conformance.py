@@ -61,5 +61,25 @@ def test_found_inf_skips_everything_and_grad_scale_divides(candidate):
     conformance.check_found_inf_and_grad_scale(candidate.fused_step, after_call=candidate.after_call)
 
 
+@pytest.mark.parametrize("rule", range(len(conformance.DUAL_RULES)))
+def test_dual_rule_matches_reference(candidate, rule):
+    actual, expected, stats, expected_stats = conformance.run_both(candidate.fused_step,
+                                                                   conformance.dual_rule_call(rule), steps=2)
+    candidate.after_call()
+    conformance.assert_same_results(actual, expected, stats, expected_stats)
+
+
+def test_several_blocks_with_empty_and_untouched_ones(candidate):
+    conformance.check_several_blocks(candidate.fused_step)
+    candidate.after_call()
+
+
+def test_dual_only_call(candidate):
+    actual, expected, stats, expected_stats = conformance.run_both(candidate.fused_step,
+                                                                   conformance.dual_only_call(), steps=3)
+    candidate.after_call()
+    conformance.assert_same_results(actual, expected, stats, expected_stats)
+
+
 def test_cases_reach_every_dual_flag():
     assert conformance.flags_covered() == DualFlag(sum(DualFlag))
