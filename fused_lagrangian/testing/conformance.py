@@ -34,9 +34,10 @@ from ..contract import Algorithm, DualFlag, FusedStepArguments, PrimalFlag, dual
 
 # Sizes straddling vector widths (4, 8, 16 floats) and the native kernel's 32768-element chunks.
 SIZES = (0, 1, 7, 16, 17, 33, 255, 1000, 32768 + 5)
+# Per dtype: assert_close's rtol / atol, or ``ulps``: units in the last place of the expected value.
 TOLERANCE = {torch.float32: dict(rtol=1e-6, atol=1e-6),
-             torch.bfloat16: dict(rtol=2 * 2**-8, atol=1e-5),
-             torch.float16: dict(rtol=2 * 2**-11, atol=1e-5)}
+             torch.bfloat16: dict(ulps=2, atol=1e-5),
+             torch.float16: dict(ulps=2, atol=1e-5)}
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Positions of the arguments a call mutates, by their contract names.
@@ -164,10 +165,29 @@ def assert_same_results(actual_args: Sequence, expected_args: Sequence, actual_s
     assert [t.shape for t in actual] == [t.shape for t in expected]
     for dtype, dtype_tolerance in tolerance.items():
         pairs = [(a, b) for a, b in zip(actual, expected) if a.dtype == dtype and a.numel()]
-        if pairs:
-            torch.testing.assert_close(torch.cat([a.flatten() for a, _ in pairs]),
-                                       torch.cat([b.flatten() for _, b in pairs]), **dtype_tolerance)
+        if not pairs:
+            continue
+        flat_actual, flat_expected = (torch.cat([t.flatten() for t in tensors]) for tensors in zip(*pairs))
+        if "ulps" in dtype_tolerance:
+            assert_within_ulps(flat_actual, flat_expected, **dtype_tolerance)
+        else:
+            torch.testing.assert_close(flat_actual, flat_expected, **dtype_tolerance)
     torch.testing.assert_close(actual_stats, expected_stats, **tolerance[torch.float32])
+
+
+def assert_within_ulps(actual: Tensor, expected: Tensor, ulps: int, atol: float = 0.0) -> None:
+    """|actual - expected| <= atol + ulps units in the last place of ``expected`` in its dtype.
+
+    An rtol cannot say "n ulps": the ulp relative to a value halves from the bottom of a binade to its top."""
+    wide_actual, wide_expected = actual.double(), expected.double()
+    _, exponent = torch.frexp(wide_expected)  # expected = m * 2**exponent, 0.5 <= |m| < 1
+    ulp = torch.ldexp(torch.full_like(wide_expected, torch.finfo(expected.dtype).eps), exponent - 1)
+    close = ((wide_actual - wide_expected).abs() <= atol + ulps * ulp) | (wide_actual == wide_expected)
+    if not close.all():
+        worst = int(((wide_actual - wide_expected).abs() / ulp).nan_to_num(math.inf).argmax())
+        raise AssertionError(f"{int((~close).sum())} of {close.numel()} {expected.dtype} elements differ by more "
+                             f"than {ulps} ulps + {atol}; worst at {worst}: {actual[worst].item()} vs "
+                             f"{expected[worst].item()} ({float(ulp[worst])} per ulp)")
 
 
 ADAM_OPTIONS = [
