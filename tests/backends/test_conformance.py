@@ -13,7 +13,6 @@ import dataclasses
 from typing import Callable
 
 import pytest
-import torch
 
 from fused_lagrangian import backends
 from fused_lagrangian.contract import DualFlag

@@ -35,7 +35,6 @@ from fused_lagrangian.testing.conformance import (MUTATED, contract_call, constr
 if type(triton_kernels.fused_step_kernel).__name__ != "InterpretedFunction":
     pytest.skip("the triton kernels were defined before TRITON_INTERPRET=1 was set", allow_module_level=True)
 
-INF = float("inf")
 # fp32 within 1e-6 absolute; half precision within one rounding of the storage dtype: stricter than the
 # conformance suite's default, which allows for native's vectorised sqrt.
 ONE_ROUNDING = {torch.float32: dict(rtol=0.0, atol=1e-6),
