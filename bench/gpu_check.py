@@ -1,14 +1,17 @@
 """GPU check of the fast backends (native CUDA kernel, Triton): correctness, launches per step, speed.
 
-    python bench/gpu_check.py [--quick]
+    python bench/gpu_check.py [--quick]        (or: python -m bench.gpu_check)
 
 On a CUDA machine, for each of "native" and "triton" that can run on CUDA here:
-1. correctness against the reference backend on GPU tensors: the property cases of
-   tests/backends/test_native.py (every SGD / Adam option, fp32 and bf16, several blocks with every
-   dual flag, 20 steps each), plus that test file's CUDA tests under pytest for the native backend;
-2. kernel launches per step, counted with torch.profiler (memcpys counted apart);
-3. step time, median over interleaved rounds timed with CUDA events, against
-   torch.optim.Adam(fused=True), and a device copy of the same bytes as the bandwidth ceiling;
+1. correctness against the reference backend on GPU tensors: the cases of the conformance suite
+   (fused_lagrangian.testing.conformance: every SGD / Adam option, fp32 and bf16, several blocks with
+   random dual flags, 20 steps each; found_inf / grad_scale), plus the CUDA tests of
+   tests/backends/test_native.py under pytest for the native backend;
+2. kernel launches per optimizer step (the blocks' observe and the step, as a training loop pays them)
+   on the benchmark suite's step problems, counted with torch.profiler (memcpys counted apart);
+3. step time of the benchmark suite's step candidates (bench.step_candidates: the fused backends,
+   torch.optim.Adam(fused=True), and the bandwidth ceiling), median over interleaved repetitions
+   (bench.timing.time_interleaved);
 4. a training step (forward with dense, indexed and grouped blocks, backward, LagrangianAdam
    capturable=True step) run under torch.cuda.set_sync_debug_mode("error") (no host sync: input
    checks deferred), then captured in a CUDA graph whose replays equal eager steps.
@@ -20,9 +23,7 @@ it says so and exits 0.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -32,15 +33,18 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-ADAM_BYTES_PER_PARAM = 28  # fp32: reads p, g, m, v; writes p, m, v
+if __package__ in (None, ""):  # run as a script: Python put bench/ on the path, the checkout holds the packages
+    sys.path.insert(0, ROOT)
 
+from bench.problems import BlockConfig, StepData, StepProblem  # noqa: E402
+from bench.step_candidates import step_candidates  # noqa: E402
+from bench.timing import time_interleaved  # noqa: E402
+from fused_lagrangian.testing import conformance  # noqa: E402
 
-def load_module(name: str, path: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+FLOOR, CEILING = "torch_fused", "ceiling"
+BLOCK_CASES = {"no blocks": (),
+               "indexed 1e6 + grouped 1e3, batch 4096": (BlockConfig("indexed", 10**6, 4096),
+                                                         BlockConfig("grouped", 10**3, 4096))}
 
 
 def cuda_backends(backends) -> dict[str, str]:
@@ -52,21 +56,24 @@ def cuda_backends(backends) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------------
 # 1. Correctness
 
-def check_correctness(backends, names: list[str], quick: bool) -> dict[str, str]:
-    tests = load_module("test_native", os.path.join(ROOT, "tests", "backends", "test_native.py"))
-    cases = range(0, len(tests.CASES), 3) if quick else range(len(tests.CASES))
+def check_correctness(backends, names: list[str], quick: bool, device: str = "cuda") -> dict[str, str]:
+    cases = range(0, len(conformance.CASES), 3) if quick else range(len(conformance.CASES))
     results = {}
     for name in names:
-        failures, count, start = [], 0, time.time()
-        for case in cases:
-            for dtype in (torch.float32, torch.bfloat16):
-                count += 1
-                try:
-                    tests.compare_with_reference(backends.fused_step_of(name), case, dtype, "cuda")
-                except Exception as error:  # noqa: BLE001 - report every failing case, then go on
-                    failures.append(f"case {case} {dtype}: {str(error).splitlines()[0]}")
-        results[name] = (f"{count - len(failures)}/{count} cases equal the reference over 20 steps "
-                         f"({time.time() - start:.0f} s)" + "".join("\n      FAIL " + f for f in failures))
+        fused_step = backends.fused_step_of(name)
+        checks = {f"case {case} {dtype}": (lambda case=case, dtype=dtype: conformance.compare_with_reference(
+                      fused_step, case, dtype, device))
+                  for case in cases for dtype in (torch.float32, torch.bfloat16)}
+        checks["found_inf / grad_scale"] = lambda: conformance.check_found_inf_and_grad_scale(fused_step, device)
+        failures, start = [], time.time()
+        for label, check in checks.items():
+            try:
+                check()
+            except Exception as error:  # noqa: BLE001 - report every failing case, then go on
+                failures.append(f"{label}: {(str(error).splitlines() or [type(error).__name__])[0]}")
+        results[name] = (f"{len(checks) - len(failures)}/{len(checks)} conformance checks equal the reference "
+                         f"(cases over 20 steps; {time.time() - start:.0f} s)"
+                         + "".join("\n      FAIL " + f for f in failures))
     return results
 
 
@@ -101,32 +108,16 @@ def launches_per_step(step, steps: int = 5) -> tuple[float, float]:
 
 
 # --------------------------------------------------------------------------------------------------
-# 3. Timing
-
-def median_step_times(candidates: dict, rounds: int, inner: int) -> dict[str, float]:
-    """Median seconds per call; each round times ``inner`` calls of every candidate, in rotated order."""
-    for run in candidates.values():
-        run()
-    torch.cuda.synchronize()
-    times = {name: [] for name in candidates}
-    names = list(candidates)
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(inner):
-                candidates[name]()
-            end.record()
-            end.synchronize()
-            times[name].append(start.elapsed_time(end) / 1e3 / inner)
-    return {name: statistics.median(t) for name, t in times.items()}
+# 3. Timing: the benchmark suite's step problems and candidates
 
 
-def copy_of_same_bytes(num_params: int):
-    """Copies 14 B per parameter from one buffer to another: 28 B moved, Adam's traffic."""
-    source = torch.randn(num_params * 7 // 2, device="cuda")
-    target = torch.empty_like(source)
-    return lambda: target.copy_(source)
+def step_problem_candidates(num_params: int, blocks: tuple, names: list[str],
+                            device: str = "cuda") -> tuple[StepProblem, dict]:
+    """The floor, the ceiling and each fused backend on bench's Adam step problem (8 fp32 tensors)."""
+    problem = StepProblem(num_params, blocks, algorithm="adam", num_tensors=8)
+    factories = step_candidates(StepData(problem, torch.device(device)), names)
+    wanted = [FLOOR, CEILING] + [f"fused:{name}" for name in names]
+    return problem, {label: factories[label]() for label in wanted}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -233,8 +224,6 @@ def main() -> int:
     if native.built_library_path() is None and os.environ.get(native.JIT_ENV) is None:
         print(f"gpu_check: no native build in the package: compiling it now ({native.JIT_ENV}=1, ~2 min)")
         os.environ[native.JIT_ENV] = "1"
-    bench = load_module("bench_native_step", os.path.join(HERE, "bench_native_step.py"))
-
     started = time.time()
     print(f"gpu_check: {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}")
     status = cuda_backends(backends)
@@ -249,34 +238,30 @@ def main() -> int:
         print("  " + run_native_pytest())
 
     sizes = [10**6, 10**7] if args.quick else [10**6, 10**7, 10**8]
-    blocks_cases = {"no blocks": [], "indexed 1e6 + grouped 1e3, batch 4096": [(10**6, 4096, 0), (10**3, 4096, 1)]}
 
-    print("\n2. Launches per step (kernels; memcpy/memset)")
-    counted = {"torch fused Adam": bench.torch_fused_adam(10**6, 8, "cuda")}
-    for name in names:
-        for case, blocks in blocks_cases.items():
-            counted[f"{name}, {case}"] = bench.contract_step(10**6, 8, blocks, name, "cuda")
-    for label, step in counted.items():
-        kernels, copies = launches_per_step(step)
-        print(f"  {label:<50} {kernels:5.1f} kernels  {copies:4.1f} copies")
-    del counted
+    print("\n2. Launches per optimizer step (observe + step; kernels, memcpy/memset)")
+    for case, blocks in BLOCK_CASES.items():
+        _, candidates = step_problem_candidates(10**6, blocks, names)
+        for label, candidate in candidates.items():
+            if label != CEILING:
+                kernels, copies = launches_per_step(candidate.step)
+                print(f"  {label + ', ' + case:<60} {kernels:5.1f} kernels  {copies:4.1f} copies")
+        del candidates
 
-    print("\n3. Step time (fp32 Adam, 8 tensors): median over interleaved rounds")
-    header = f"  {'params':>8}  {'case':<40} {'candidate':<18} {'time':>10} {'vs fused':>9} {'GB/s':>7} {'of copy':>8}"
-    print(header)
+    print("\n3. Step time (fp32 Adam, 8 tensors): median over interleaved repetitions")
+    print(f"  {'params':>8}  {'case':<40} {'candidate':<18} {'time':>10} {'vs fused':>9} {'GB/s':>7} "
+          f"{'of ceiling':>10}")
+    repetitions, inner = (5, 10) if args.quick else (11, 20)
     for n in sizes:
-        rounds, inner = (5, 10) if args.quick else (11, 20)
-        for case, blocks in blocks_cases.items():
-            candidates = {"torch fused Adam": bench.torch_fused_adam(n, 8, "cuda"),
-                          "copy (same bytes)": copy_of_same_bytes(n)}
-            for name in names:
-                candidates[name] = bench.contract_step(n, 8, blocks, name, "cuda")
-            result = median_step_times(candidates, rounds, inner)
+        for case, blocks in BLOCK_CASES.items():
+            problem, candidates = step_problem_candidates(n, blocks, names)
+            timings = time_interleaved({label: c.step for label, c in candidates.items()}, repetitions=repetitions,
+                                       inner={label: inner for label in candidates}, device=torch.device("cuda"))
+            result = {label: timing.median for label, timing in timings.items()}
             for label, seconds in result.items():
-                bandwidth = ADAM_BYTES_PER_PARAM * n / seconds / 1e9
+                bandwidth = problem.primal_bytes / seconds / 1e9
                 print(f"  {n:>8.0e}  {case:<40} {label:<18} {seconds * 1e6:8.1f} us "
-                      f"{seconds / result['torch fused Adam']:8.2f}x {bandwidth:7.0f} "
-                      f"{result['copy (same bytes)'] / seconds:7.0%}")
+                      f"{seconds / result[FLOOR]:8.2f}x {bandwidth:7.0f} {result[CEILING] / seconds:9.0%}")
             del candidates
             torch.cuda.empty_cache()
     print("\n4. Host syncs and CUDA graph capture (training step with three blocks, capturable Adam)")

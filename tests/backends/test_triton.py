@@ -25,95 +25,33 @@ pytest.importorskip("triton")
 from fused_lagrangian import LagrangianAdam, LagrangianAdamW, LagrangianSGD, backends  # noqa: E402
 from fused_lagrangian.backends import reference, triton_backend  # noqa: E402
 from fused_lagrangian.backends import triton_kernels  # noqa: E402
-from fused_lagrangian.contract import Algorithm, DualFlag, PrimalFlag, hparams_tensor  # noqa: E402
+from fused_lagrangian.contract import Algorithm, DualFlag, PrimalFlag  # noqa: E402
 from fused_lagrangian.ops.lagrangian_term import lagrangian_term  # noqa: E402
 from fused_lagrangian.ops.lagrangian_term_triton import lagrangian_term_triton  # noqa: E402
-from test_native import random_dual_state  # noqa: E402
+from fused_lagrangian.testing import conformance  # noqa: E402
+from fused_lagrangian.testing.conformance import (MUTATED, contract_call, constraint_block, dual_args,  # noqa: E402
+                                                   primal_args)
 
 if type(triton_kernels.fused_step_kernel).__name__ != "InterpretedFunction":
     pytest.skip("the triton kernels were defined before TRITON_INTERPRET=1 was set", allow_module_level=True)
 
-INF = float("inf")
-# One more element than a full primal program (4096), an odd tail, and a tensor shorter than a tile.
-SIZES = (4097, 1023, 5)
-ADAM_HPARAMS = [1e-2, 0.9, 0.999, 1e-8, 0.0]
-SGD_HPARAMS = [1e-2, 0.9, 0.0, 0.0, 0.0]
-
-
-# --------------------------------------------------------------------------------------------------
-# Building contract calls
-
-
-def primal_args(gen, algorithm, sizes=SIZES, dtypes=None, hparams=None, flags=0, start_step=3.0):
-    """The eight primal lists of contract.py for tensors of ``sizes``."""
-    dtypes = dtypes or [torch.float32] * len(sizes)
-    hparams = hparams or (ADAM_HPARAMS if algorithm == Algorithm.ADAM else SGD_HPARAMS)
-    lists = ([], [], [], [], [], [], [], [])
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, all_hparams, all_flags = lists
-    for n, dtype in zip(sizes, dtypes):
-        params.append(torch.randn(n, generator=gen).to(dtype))
-        grads.append(torch.randn(n, generator=gen).to(dtype))
-        if algorithm == Algorithm.ADAM:
-            exp_avgs.append((0.1 * torch.randn(n, generator=gen)).to(dtype))
-            exp_avg_sqs.append((0.01 * torch.rand(n, generator=gen)).to(dtype))
-            amsgrad = flags & PrimalFlag.AMSGRAD
-            max_exp_avg_sqs.append((0.02 * torch.rand(n, generator=gen)).to(dtype) if amsgrad
-                                   else torch.empty(0, dtype=dtype))
-            steps.append(torch.tensor(start_step))
-        else:
-            momentum = hparams[1] != 0
-            exp_avgs.append(torch.randn(n, generator=gen).to(dtype) if momentum else torch.empty(0, dtype=dtype))
-        all_hparams += hparams
-        all_flags.append(int(flags))
-    return lists
-
-
-def block(gen, num_constraints, num_samples, flags=0, lr=0.1, kp=0.5, ki=1.0, nu=0.3, damping=0.0, lower=0.0,
-          upper=INF, decay=0.8, id_range=None):
-    """One constraint block's (multipliers, dual_state, ids, violations, hparams, flags)."""
-    lam = torch.rand(num_constraints, generator=gen) if lower == 0 else torch.randn(num_constraints, generator=gen)
-    state = random_dual_state(DualFlag(flags), num_constraints, gen)
-    ids = torch.randint(0, id_range or num_constraints, (num_samples,), generator=gen)
-    violations = torch.randn(num_samples, generator=gen)
-    return lam, state, ids, violations, [lr, kp, ki, nu, damping, lower, upper, decay], int(flags)
-
-
-def dual_args(blocks):
-    multipliers, states, ids, violations, hparams, flags = [], [], [], [], [], []
-    for lam, xi, block_ids, block_violations, block_hparams, block_flags in blocks:
-        multipliers.append(lam)
-        states.append(xi)
-        ids.append(block_ids)
-        violations.append(block_violations)
-        hparams += block_hparams
-        flags.append(block_flags)
-    return multipliers, states, ids, violations, hparams, flags
-
-
-def call(primal, algorithm, dual, grad_scale=None, found_inf=None) -> list:
-    return [*primal, int(algorithm), *dual, grad_scale, found_inf]
+# fp32 within 1e-6 absolute; half precision within one rounding of the storage dtype: stricter than the
+# conformance suite's default, which allows for native's vectorised sqrt.
+ONE_ROUNDING = {torch.float32: dict(rtol=0.0, atol=1e-6),
+                torch.bfloat16: dict(rtol=torch.finfo(torch.bfloat16).eps, atol=1e-6),
+                torch.float16: dict(rtol=torch.finfo(torch.float16).eps, atol=1e-6)}
+# The conformance cases under the interpreter: sizes around a primal program (4096) instead of the native
+# kernel's 32768-element chunks, and fewer steps, to keep the interpreter's time down.
+CONFORMANCE_SIZES = (0, 1, 7, 17, 1000, 4097)
+CONFORMANCE_STEPS = 3
 
 
 def run_both(args: list, steps: int = 1):
-    """Runs the call ``steps`` times with each backend on its own copy; returns both copies and stats."""
-    expected = copy.deepcopy(args)
-    for _ in range(steps):
-        actual_stats = triton_backend.fused_step(*args)
-        expected_stats = reference.fused_step(*expected)
-    return args, expected, actual_stats, expected_stats
-
-
-MUTATED = {0: "params", 2: "exp_avgs", 3: "exp_avg_sqs", 4: "max_exp_avg_sqs", 5: "steps", 9: "multipliers",
-           10: "dual_states"}
+    return conformance.run_both(triton_backend.fused_step, args, steps)
 
 
 def assert_same(actual: list, expected: list, actual_stats, expected_stats) -> None:
-    for index, name in MUTATED.items():
-        for i, (a, e) in enumerate(zip(actual[index], expected[index])):
-            # fp32 within 1e-6; half precision within one rounding of the storage dtype.
-            rtol = 0.0 if a.dtype == torch.float32 else torch.finfo(a.dtype).eps
-            torch.testing.assert_close(a, e, atol=1e-6, rtol=rtol, msg=lambda m, where=f"{name}[{i}]": f"{where}: {m}")
-    torch.testing.assert_close(actual_stats, expected_stats, atol=1e-6, rtol=0)
+    conformance.assert_same_results(actual, expected, actual_stats, expected_stats, ONE_ROUNDING)
 
 
 @pytest.fixture(params=["last-sample-program", "shared"])
@@ -125,7 +63,18 @@ def finaliser(request, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------------
-# Primal updates
+# The conformance suite, then Triton's own cases
+
+
+@pytest.mark.parametrize("dtype", conformance.DTYPES, ids=str)
+@pytest.mark.parametrize("case", range(len(conformance.CASES)))
+def test_conformance_cases(case, dtype):
+    conformance.compare_with_reference(triton_backend.fused_step, case, dtype, steps=CONFORMANCE_STEPS,
+                                       sizes=CONFORMANCE_SIZES)
+
+
+def test_conformance_found_inf_and_grad_scale():
+    conformance.check_found_inf_and_grad_scale(triton_backend.fused_step, sizes=CONFORMANCE_SIZES)
 
 
 @pytest.mark.parametrize("flags, weight_decay", [
@@ -139,8 +88,8 @@ def test_adam_matches_reference(flags, weight_decay):
     gen = torch.Generator().manual_seed(1)
     hparams = [3e-2, 0.8, 0.99, 1e-6, weight_decay]
     primal = primal_args(gen, Algorithm.ADAM, hparams=hparams, flags=flags)
-    dual = dual_args([block(gen, 40, 300, DualFlag.MEAN)])
-    assert_same(*run_both(call(primal, Algorithm.ADAM, dual), steps=2))
+    dual = dual_args([constraint_block(gen, 40, 300, DualFlag.MEAN)])
+    assert_same(*run_both(contract_call(primal, Algorithm.ADAM, dual), steps=2))
 
 
 @pytest.mark.parametrize("hparams, flags", [
@@ -152,7 +101,7 @@ def test_adam_matches_reference(flags, weight_decay):
 def test_sgd_matches_reference(hparams, flags):
     gen = torch.Generator().manual_seed(2)
     primal = primal_args(gen, Algorithm.SGD, hparams=hparams, flags=flags)
-    assert_same(*run_both(call(primal, Algorithm.SGD, dual_args([])), steps=1))
+    assert_same(*run_both(contract_call(primal, Algorithm.SGD, dual_args([])), steps=1))
 
 
 def test_half_precision_and_fp32_parameters_in_one_call():
@@ -160,7 +109,8 @@ def test_half_precision_and_fp32_parameters_in_one_call():
     dtypes = [torch.bfloat16, torch.float32, torch.float16]
     primal = primal_args(gen, Algorithm.ADAM, dtypes=dtypes, flags=PrimalFlag.AMSGRAD,
                          hparams=[1e-2, 0.9, 0.999, 1e-8, 0.1])
-    args, expected, stats, expected_stats = run_both(call(primal, Algorithm.ADAM, dual_args([])), steps=2)
+    args, expected, stats, expected_stats = run_both(contract_call(primal, Algorithm.ADAM, dual_args([])),
+                                                     steps=2)
     assert_same(args, expected, stats, expected_stats)
     assert args[0][0].dtype == torch.bfloat16 and args[0][2].dtype == torch.float16
 
@@ -169,7 +119,7 @@ def test_bf16_results_are_rounded_to_nearest_even():
     """Exact match where the reference rounds each result to bf16: no truncation anywhere."""
     gen = torch.Generator().manual_seed(4)
     primal = primal_args(gen, Algorithm.SGD, sizes=(3000,), dtypes=[torch.bfloat16], hparams=[0.1, 0.9, 0.0, 0, 0])
-    args, expected, _, _ = run_both(call(primal, Algorithm.SGD, dual_args([])))
+    args, expected, _, _ = run_both(contract_call(primal, Algorithm.SGD, dual_args([])))
     assert torch.equal(args[2][0], expected[2][0])  # momentum buffer: one fp32 multiply-add, then rounding
 
 
@@ -184,7 +134,7 @@ def test_writes_stay_inside_tensors_and_unaligned_views_work():
             buffer[1:1 + tensor.numel()] = tensor
             primal[index][i] = buffer[1:1 + tensor.numel()]
             guarded.append((buffer, buffer.clone(), tensor.numel()))
-    args, expected, stats, expected_stats = run_both(call(primal, Algorithm.ADAM, dual_args([])))
+    args, expected, stats, expected_stats = run_both(contract_call(primal, Algorithm.ADAM, dual_args([])))
     assert_same(args, expected, stats, expected_stats)
     for buffer, original, n in guarded:
         assert buffer[0] == original[0] and torch.equal(buffer[1 + n:], original[1 + n:])
@@ -193,16 +143,17 @@ def test_writes_stay_inside_tensors_and_unaligned_views_work():
 def test_grad_scale_divides_the_gradients():
     gen = torch.Generator().manual_seed(6)
     primal = primal_args(gen, Algorithm.ADAM)
-    dual = dual_args([block(gen, 30, 100)])
-    assert_same(*run_both(call(primal, Algorithm.ADAM, dual, grad_scale=torch.tensor([1024.0]),
+    dual = dual_args([constraint_block(gen, 30, 100)])
+    assert_same(*run_both(contract_call(primal, Algorithm.ADAM, dual, grad_scale=torch.tensor([1024.0]),
                                found_inf=torch.tensor([0.0]))))
 
 
 def test_found_inf_skips_everything():
     gen = torch.Generator().manual_seed(7)
     primal = primal_args(gen, Algorithm.ADAM, flags=PrimalFlag.AMSGRAD)
-    dual = dual_args([block(gen, 30, 100, DualFlag.NUPI), block(gen, 5, 7)])
-    args = call(primal, Algorithm.ADAM, dual, grad_scale=torch.tensor([8.0]), found_inf=torch.tensor([1.0]))
+    dual = dual_args([constraint_block(gen, 30, 100, DualFlag.NUPI), constraint_block(gen, 5, 7)])
+    args = contract_call(primal, Algorithm.ADAM, dual, grad_scale=torch.tensor([8.0]),
+                         found_inf=torch.tensor([1.0]))
     before = copy.deepcopy(args)
     stats = triton_backend.fused_step(*args)
     assert torch.equal(stats, torch.zeros(2, 3))
@@ -218,58 +169,25 @@ def test_found_inf_skips_everything():
 # Dual updates
 
 
-@pytest.mark.parametrize("flags, options", [
-    (0, {}),  # indexed: sums over duplicates
-    (DualFlag.MEAN, {}),  # grouped: means
-    (DualFlag.NUPI, {"kp": 2.0, "ki": 1.0, "nu": 0.5}),
-    (DualFlag.NUPI | DualFlag.MEAN, {"damping": 0.1, "upper": 0.6}),  # damping and a cap
-    (DualFlag.RESTART, {}),
-    (DualFlag.FROZEN, {}),  # penalty formulations: statistics only
-    (0, {"lower": -INF}),  # equality: no projection, |g| statistics
-    (DualFlag.NUPI, {"lower": -0.5, "upper": 0.5}),
-    (DualFlag.RUNNING | DualFlag.MEAN, {}),  # running ratio estimate S / N
-    (DualFlag.RUNNING | DualFlag.NUPI | DualFlag.MEAN, {"kp": 2.0, "decay": 0.95}),  # xi row, then S and N
-    (DualFlag.RUNNING | DualFlag.NUPI | DualFlag.RESTART, {"lower": -INF}),
-    (DualFlag.RUNNING | DualFlag.FROZEN, {}),  # frozen: the running state is not read
-])
-def test_dual_rules_match_reference(flags, options, finaliser):
-    gen = torch.Generator().manual_seed(8)
+@pytest.mark.parametrize("rule", range(len(conformance.DUAL_RULES)))
+def test_dual_rules_match_reference(rule, finaliser):
     # 2500 samples over 60 ids: three sample programs, heavy duplication within and across programs.
-    dual = dual_args([block(gen, 60, 2500, flags, **options)])
-    primal = primal_args(gen, Algorithm.SGD, sizes=(3000,))
-    assert_same(*run_both(call(primal, Algorithm.SGD, dual), steps=2))
+    assert_same(*run_both(conformance.dual_rule_call(rule), steps=2))
 
 
 def test_several_blocks_with_empty_and_untouched_ones(finaliser):
-    gen = torch.Generator().manual_seed(9)
-    blocks = [
-        block(gen, 500, 1500, DualFlag.NUPI, id_range=100),  # constraints 100.. never touched
-        block(gen, 7, 0),  # empty this step
-        block(gen, 3, 3, DualFlag.MEAN, lower=-INF),  # dense equality block
-        block(gen, 1200, 1100, DualFlag.RESTART | DualFlag.RUNNING, id_range=1000),  # 1000.. never touched
-    ]
-    args = call(primal_args(gen, Algorithm.ADAM, sizes=(2000,)), Algorithm.ADAM, dual_args(blocks))
-    untouched_before = (args[9][0][100:].clone(), args[10][0][100:].clone())
-    running_before = args[10][3].clone()
-    actual, expected, stats, expected_stats = run_both(args)
-    assert_same(actual, expected, stats, expected_stats)
-    assert torch.equal(actual[9][0][100:], untouched_before[0]) and torch.equal(actual[10][0][100:],
-                                                                               untouched_before[1])
-    assert stats[1].tolist() == [0.0, 0.0, 0.0]
-    assert torch.equal(actual[10][3][:, 1000:], running_before[:, 1000:])
+    conformance.check_several_blocks(triton_backend.fused_step, ONE_ROUNDING)
 
 
 def test_dual_only_call(finaliser):
     """The dual-first ordering calls the backend with no parameter tensors."""
-    gen = torch.Generator().manual_seed(10)
-    dual = dual_args([block(gen, 50, 2100, DualFlag.MEAN), block(gen, 9, 40, DualFlag.NUPI)])
-    assert_same(*run_both(call(([], [], [], [], [], [], [], []), Algorithm.ADAM, dual), steps=3))
+    assert_same(*run_both(conformance.dual_only_call(), steps=3))
 
 
 def test_accumulator_slots_are_clean_after_each_step():
     gen = torch.Generator().manual_seed(11)
-    dual = dual_args([block(gen, 64, 1000), block(gen, 10, 50, DualFlag.MEAN)])
-    triton_backend.fused_step(*call(primal_args(gen, Algorithm.ADAM, sizes=(10,)), Algorithm.ADAM, dual))
+    dual = dual_args([constraint_block(gen, 64, 1000), constraint_block(gen, 10, 50, DualFlag.MEAN)])
+    triton_backend.fused_step(*contract_call(primal_args(gen, Algorithm.ADAM, sizes=(10,)), Algorithm.ADAM, dual))
     workspace = triton_backend._workspaces[(torch.device("cpu"), 0)]
     assert not workspace.accumulators.any() and not workspace.tickets.any()
 
@@ -348,7 +266,8 @@ class _AtenOps(TorchDispatchMode):
 def test_steady_state_call_builds_nothing(monkeypatch):
     """Same tensors again: no table is rebuilt or copied; the host's only tensor op allocates the stats."""
     gen = torch.Generator().manual_seed(14)
-    args = call(primal_args(gen, Algorithm.ADAM), Algorithm.ADAM, dual_args([block(gen, 20, 50)]))
+    args = contract_call(primal_args(gen, Algorithm.ADAM), Algorithm.ADAM,
+                         dual_args([constraint_block(gen, 20, 50)]))
     triton_backend.fused_step(*args)
     launches = []
     # The interpreter's own handling of kernel arguments is not the host code under test.
@@ -415,8 +334,9 @@ def test_registry_availability(monkeypatch):
 def test_fused_step_op_compiles_into_one_graph():
     """The custom op is opaque to torch.compile: one graph, no break, same results."""
     gen = torch.Generator().manual_seed(18)
-    args = call(primal_args(gen, Algorithm.ADAM, sizes=(50,)), Algorithm.ADAM, dual_args([block(gen, 9, 30)]))
-    args[6], args[13] = hparams_tensor(args[6]), hparams_tensor(args[13])  # the raw op takes contract.py's tensors
+    # contract_call passes the hyperparameters as contract.py's tensors, which the raw op takes.
+    args = contract_call(primal_args(gen, Algorithm.ADAM, sizes=(50,)), Algorithm.ADAM,
+                         dual_args([constraint_block(gen, 9, 30)]))
     expected = copy.deepcopy(args)
     compiled = torch.compile(lambda *a: torch.ops.fused_lagrangian.fused_step_triton(*a) * 1.0, backend="aot_eager",
                              fullgraph=True)
