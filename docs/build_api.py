@@ -21,14 +21,22 @@ import textwrap
 DOCS = os.path.dirname(os.path.abspath(__file__))
 OUTPUT = os.path.join(DOCS, "api.md")
 # Module -> the names to document (None: its __all__, else its public functions and classes).  The
-# distributed and backends modules also hold machinery the optimizer uses internally: only what a user
-# calls is listed.
+# distributed, backends, constraints and conformance modules also hold machinery used internally: only what
+# a user calls is listed.  schedules and selection: their classes are exported by (and documented under)
+# fused_lagrangian; their module docstrings hold the usage examples.
 MODULES = {
     "fused_lagrangian": None,
+    "fused_lagrangian.constraints": ("DUAL_DEFAULTS",),
+    "fused_lagrangian.schedules": (),
+    "fused_lagrangian.selection": ("Iterate",),
+    "fused_lagrangian.checkpoint": None,
     "fused_lagrangian.fairness": None,
     "fused_lagrangian.distributed": ("get_optimizer_state_dict", "set_optimizer_state_dict"),
     "fused_lagrangian.backends": ("resolve", "names", "unavailable_reason", "build_status",
                                   "BackendFallbackWarning"),
+    "fused_lagrangian.testing.conformance": ("compare_with_reference", "check_found_inf_and_grad_scale",
+                                             "check_several_blocks", "case_problem", "flags_covered",
+                                             "assert_same_results", "assert_within_ulps"),
 }
 HEADER = ("# API reference\n\n"
           "Generated from the docstrings by `python docs/build_api.py`; do not edit by hand. The user guide "
