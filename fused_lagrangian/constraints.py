@@ -15,28 +15,24 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Optional, Union
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
 from .contract import DualFlag
+from .formulation import LOCAL, SENSE_SIGNS, BlockContext, Formulation
 from .memory import constraint_state
-from .ops import lagrangian_term
+from .validation import ERROR_NONFINITE, ConstraintInputError, raise_for_code
 
-if TYPE_CHECKING:
-    from .optim import LagrangianOptimizer
+__all__ = ["ConstraintBlock", "ConstraintInputError", "ConstraintSpec"]
 
 KINDS = ("dense", "indexed", "grouped")
-SENSES = {"<=": 1.0, ">=": -1.0, "==": 1.0}
+SENSES = tuple(SENSE_SIGNS)
 FORMULATIONS = ("lagrangian", "augmented", "penalty", "quadratic")
 DUAL_RULES = ("ascent", "nupi")
 ORDERINGS = ("simultaneous", "dual_first")
 NONFINITE_POLICIES = ("raise", "skip")
-
-
-class ConstraintInputError(ValueError):
-    """Bad input to a constraint block; raised before any parameter or multiplier changes."""
 
 
 @dataclasses.dataclass
@@ -112,11 +108,16 @@ class ConstraintSpec:
 
 
 class ConstraintBlock:
-    """K constraints with their multipliers; call it with this batch's values to get its loss term."""
+    """K constraints with their multipliers; call it with this batch's values to get its loss term.
 
-    def __init__(self, optimizer: "LagrangianOptimizer", spec: ConstraintSpec, device: torch.device) -> None:
+    The forward math is ``formulation.Formulation``'s; the block holds the state (multipliers, dual
+    state, what was recorded for the next step) and talks to its owner only through a
+    ``formulation.BlockContext``.  Input checks and when they raise: see ``validation.py``.
+    """
+
+    def __init__(self, context: BlockContext, spec: ConstraintSpec, device: torch.device) -> None:
         self.spec = spec
-        self._optimizer = optimizer
+        self._context = context
         k = spec.num_constraints
         self.multipliers = constraint_state(k, float(spec.init), device)
         if not spec.is_equality:
@@ -125,9 +126,13 @@ class ConstraintBlock:
         self._bound = spec.bound.to(device=device, dtype=torch.float32) if isinstance(spec.bound, Tensor) else float(spec.bound)
         if isinstance(self._bound, Tensor) and self._bound.shape != (k,):
             raise ValueError(f"constraint block {spec.name!r}: bound must be a float or have shape ({k},)")
+        self._formulation = Formulation(spec.name, spec.kind, k, spec.sense, spec.formulation, spec.penalty,
+                                        spec.to_overall, spec.nonfinite, self._bound, device)
         self._pending_ids: list[Tensor] = []
         self._pending_violations: list[Tensor] = []
         self.nonfinite_skipped = 0
+        # Deferred checks: (error bits, non-finite calls) since the host last read them, on the device.
+        self._unreported_errors: Optional[Tensor] = None
         # (statistics of the last step, this block's row): read only by report(), so the step never
         # pays for slicing it.
         self.last_stats: Optional[tuple[Tensor, int]] = None
@@ -145,22 +150,16 @@ class ConstraintBlock:
         return f"ConstraintBlock({s.name!r}, kind={s.kind}, K={s.num_constraints}, sense={s.sense!r}, {s.formulation})"
 
     # ----------------------------------------------------------------------------------------------
-    # Forward: validate, record the dual estimate, return the primal term.
+    # Forward
 
     def __call__(self, values: Tensor, ids: Optional[Tensor] = None, dual_values: Optional[Tensor] = None) -> Tensor:
-        """Records this batch for the next ``step()`` (when grad is enabled) and returns the block's loss term."""
-        recording = torch.is_grad_enabled()
-        if recording:
-            data_parallel = self._optimizer._data_parallel()
-            if data_parallel is not None:
-                return data_parallel.block_call(self, values, ids, dual_values)
-        observed = self._observed_violations(values, ids, dual_values)
-        if observed is None:
-            return torch.zeros((), dtype=values.dtype, device=values.device)
-        ids, violations, dual_source = observed
-        if recording:
-            self._record(ids, dual_source)
-        return self._primal_term(violations, ids)
+        """Records this batch for the next ``step()`` (when grad is enabled) and returns the block's loss term.
+
+        ``ids``: one constraint id per sample (indexed, grouped), or for grouped blocks a (B, M) tensor
+        of each sample's groups padded with -1 (a sample in several groups counts in each group's mean;
+        ``to_overall`` still subtracts the mean over the B samples).
+        """
+        return self._forward(values, ids, dual_values, record=torch.is_grad_enabled())
 
     @torch.no_grad()
     def observe(self, values: Tensor, ids: Optional[Tensor] = None, dual_values: Optional[Tensor] = None) -> None:
@@ -169,124 +168,47 @@ class ConstraintBlock:
         For multipliers whose term reaches the loss some other way, or a dual estimate measured on other
         samples than the loss; validation, non-finite policy and data parallelism are those of a call.
         """
-        data_parallel = self._optimizer._data_parallel()
-        if data_parallel is not None:
-            data_parallel.block_call(self, values, ids, dual_values)
-            return
-        observed = self._observed_violations(values, ids, dual_values)
-        if observed is not None:
-            ids, _, dual_source = observed
-            self._record(ids, dual_source)
+        self._forward(values, ids, dual_values, record=True, want_term=False)
 
-    def _observed_violations(self, values: Tensor, ids: Optional[Tensor],
-                             dual_values: Optional[Tensor]) -> Optional[tuple[Tensor, Tensor, Tensor]]:
-        """Validated ids, signed violations and the dual estimate's source; None when skipped as non-finite."""
-        ids = self._validate(values, ids, dual_values)
-        if not self._all_finite(values, dual_values):
+    def _forward(self, values: Tensor, ids: Optional[Tensor], dual_values: Optional[Tensor], record: bool,
+                 want_term: bool = True) -> Optional[Tensor]:
+        context = self._context
+        # Calls that record nothing (evaluation, maybe on one rank only) stay local: no collective.
+        reduction = context.reduction() if record else LOCAL
+        measured = self._formulation.measure(values, ids, dual_values, reduction, context.deferred_checks(self.device))
+        if measured is None:
             self.nonfinite_skipped += 1
+            return torch.zeros((), dtype=values.dtype, device=values.device)
+        recording = measured.recording
+        if recording.error is not None:
+            self._note_error(recording.error)
+        if record:
+            self._pending_ids.append(recording.ids)
+            self._pending_violations.append(recording.violations)
+            context.recorded(self, recording)
+        if not want_term:
             return None
-        violations = self._signed_violation(values, ids)
-        dual_source = violations if dual_values is None else self._signed_violation(dual_values, ids)
-        return ids, violations, dual_source
+        return self._formulation.term(measured, self.multipliers, reduction, context.uses_triton(self.device))
 
-    def _record(self, ids: Tensor, dual_source: Tensor) -> None:
-        self._pending_ids.append(ids)
-        self._pending_violations.append(dual_source.detach().float())
-        if self.spec.ordering == "dual_first":
-            self._optimizer._dual_step([self])
-
-    def _validate(self, values: Tensor, ids: Optional[Tensor], dual_values: Optional[Tensor]) -> Tensor:
-        spec = self.spec
-
-        def fail(message: str) -> None:
-            raise ConstraintInputError(f"constraint block {spec.name!r} ({spec.kind}): {message}")
-
-        if not isinstance(values, Tensor) or not values.is_floating_point():
-            fail(f"values must be a floating-point tensor, got {getattr(values, 'dtype', type(values))}")
-        if values.device != self.device:
-            fail(f"values are on {values.device} but the multipliers are on {self.device}")
-        if spec.kind == "dense":
-            if values.shape != (spec.num_constraints,):
-                fail(f"values must have shape ({spec.num_constraints},), got {tuple(values.shape)}")
-            if ids is not None:
-                fail("dense blocks take no ids")
-            ids = self._dense_ids()
+    def _note_error(self, code: Tensor) -> None:
+        nonfinite = (code & ERROR_NONFINITE) > 0
+        if self._unreported_errors is None:
+            self._unreported_errors = torch.stack([code.long(), nonfinite.long()])
         else:
-            if values.dim() != 1:
-                fail(f"values must be 1-D (one per sample), got shape {tuple(values.shape)}")
-            if ids is None:
-                fail("ids are required (one constraint id per sample)")
-            if not isinstance(ids, Tensor) or ids.dtype not in (torch.int64, torch.int32):
-                fail(f"ids must be an int64 or int32 tensor, got {getattr(ids, 'dtype', type(ids))}")
-            if ids.shape != values.shape:
-                fail(f"ids shape {tuple(ids.shape)} does not match values shape {tuple(values.shape)}")
-            if ids.device != self.device:
-                fail(f"ids are on {ids.device} but the multipliers are on {self.device}")
-            ids = ids.long()
-            if ids.numel():
-                lowest, highest = (int(bound) for bound in torch.aminmax(ids))
-                if lowest < 0 or highest >= spec.num_constraints:
-                    fail(f"ids out of range [0, {spec.num_constraints}): min {lowest}, max {highest}")
-        if dual_values is not None:
-            if not isinstance(dual_values, Tensor) or not dual_values.is_floating_point():
-                fail("dual_values must be a floating-point tensor")
-            if dual_values.shape != values.shape or dual_values.device != values.device:
-                fail(f"dual_values must match values (shape {tuple(values.shape)}, device {values.device})")
-        return ids
+            bits, calls = self._unreported_errors
+            self._unreported_errors = torch.stack([bits | code.long(), calls + nonfinite.long()])
 
-    def _all_finite(self, values: Tensor, dual_values: Optional[Tensor]) -> bool:
-        finite = _finite(values) and (dual_values is None or _finite(dual_values))
-        if not finite and self.spec.nonfinite == "raise":
-            raise ConstraintInputError(
-                f"constraint block {self.name!r} ({self.spec.kind}): values contain NaN or inf "
-                "(pass nonfinite='skip' to skip such updates and count them in report())"
-            )
-        return finite
-
-    def _dense_ids(self) -> Tensor:
-        cached = getattr(self, "_arange", None)
-        if cached is None:
-            cached = self._arange = torch.arange(self.spec.num_constraints, device=self.device)
-        return cached
-
-    def _signed_violation(self, values: Tensor, ids: Tensor, overall_mean: Optional[Tensor] = None) -> Tensor:
-        if self.spec.to_overall:
-            values = values - (values.mean() if overall_mean is None else overall_mean)
-        bound = self._bound[ids] if isinstance(self._bound, Tensor) else self._bound
-        return bound - values if self.spec.sense == ">=" else values - bound
-
-    def _primal_term(self, violations: Tensor, ids: Tensor) -> Tensor:
-        spec = self.spec
-        if spec.formulation == "lagrangian":
-            weights = None
-            if spec.kind == "grouped":
-                counts = torch.bincount(ids, minlength=spec.num_constraints)
-                weights = 1.0 / counts[ids].to(violations.dtype)
-            return lagrangian_term(violations, ids, self.multipliers, weights)
-        touched, g = self._per_constraint(violations, ids)
-        return self._penalty_term(self.multipliers[touched].to(g.dtype), g)
-
-    def _penalty_term(self, lam: Tensor, g: Tensor) -> Tensor:
-        """The non-Lagrangian formulations' term for estimates g of the constraints with multipliers lam."""
-        spec = self.spec
-        c = spec.penalty
-        if spec.formulation == "penalty":
-            return c * g.sum()
-        if spec.formulation == "quadratic":
-            excess = g if spec.is_equality else torch.relu(g)
-            return 0.5 * c * (excess * excess).sum()
-        # Augmented Lagrangian, Nocedal & Wright (17.64-65).
-        if spec.is_equality:
-            return (lam * g + 0.5 * c * g * g).sum()
-        return ((torch.relu(lam + c * g) ** 2 - lam * lam) / (2 * c)).sum()
-
-    def _per_constraint(self, violations: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
-        """This call's differentiable estimate g_k for each constraint it touches (O(batch))."""
-        touched, slot = torch.unique(ids, return_inverse=True)
-        g = torch.zeros(touched.numel(), dtype=violations.dtype, device=violations.device).index_add(0, slot, violations)
-        if self.spec.reduces_by_mean:
-            g = g / torch.bincount(slot, minlength=touched.numel()).to(g.dtype)
-        return touched, g
+    def raise_input_errors(self) -> None:
+        """Reads the deferred checks' verdict (a host sync): raises the ConstraintInputError of a bad call,
+        or counts the calls skipped as non-finite (``nonfinite="skip"``)."""
+        if self._unreported_errors is None:
+            return
+        bits, nonfinite_calls = self._unreported_errors.tolist()
+        self._unreported_errors = None
+        if bits & ERROR_NONFINITE and self.spec.nonfinite == "skip":
+            self.nonfinite_skipped += nonfinite_calls
+            bits &= ~ERROR_NONFINITE
+        raise_for_code(self.name, self.spec.kind, bits, self.spec.num_constraints)
 
     # ----------------------------------------------------------------------------------------------
     # What the optimizer's step consumes.
@@ -313,11 +235,13 @@ class ConstraintBlock:
     # Reporting and checkpoints.
 
     def report(self) -> dict:
+        self.raise_input_errors()
         lam = self.multipliers
         observed, max_violation, violated = (0, 0.0, 0)
         if self.last_stats is not None:
             stats, row = self.last_stats
             observed, max_violation, violated = stats[row].tolist()
+        lowest, highest = torch.aminmax(lam)  # no K-sized temporary, unlike lam.abs()
         return {
             "kind": self.spec.kind,
             "num_constraints": self.spec.num_constraints,
@@ -325,8 +249,8 @@ class ConstraintBlock:
             "max_violation": float(max_violation),
             "num_violated": int(violated),
             "multiplier_mean": float(lam.mean()),
-            "multiplier_max": float(lam.abs().max()),
-            "multiplier_nonzero": int((lam != 0).sum()),
+            "multiplier_max": max(abs(float(lowest)), abs(float(highest))),
+            "multiplier_nonzero": int(torch.count_nonzero(lam)),
             "nonfinite_skipped": self.nonfinite_skipped,
         }
 
@@ -352,10 +276,3 @@ class ConstraintBlock:
         self.nonfinite_skipped = int(state["nonfinite_skipped"])
         self.discard_pending()
 
-
-def _finite(values: Tensor) -> bool:
-    # One reduction instead of isfinite().all(): a float64 sum of finite floats cannot overflow, and
-    # any NaN or inf makes it non-finite (inf - inf is NaN).  Float64 values could overflow it.
-    if values.dtype == torch.float64:
-        return bool(torch.isfinite(values).all())
-    return math.isfinite(float(values.detach().sum(dtype=torch.float64)))

@@ -15,24 +15,13 @@ samples rather than per-constraint sums and counts because indexed blocks have u
 constraints and a step touches a few thousand: the exchange is O(global batch), never O(K), and the
 kernel's own reduction (sum or mean per id) stays the one definition of the estimate.
 
-Forward (each block call with grad enabled): one all_reduce of a small float64 buffer, which carries
-
-* how many ranks got invalid or non-finite input: all ranks raise together (or, with
-  ``nonfinite="skip"``, all skip the call and count it), so none diverges or hangs in a collective;
-* grouped blocks: per-group sample counts n_k of the global batch;
-* ``to_overall``: the global sums of the values (and dual values): the overall mean is the global one;
-* augmented / penalty / quadratic grouped and dense blocks: per-constraint sums of the values.
-
-Primal terms, for wrappers that average gradients over the W ranks (DDP; FSDP2's default):
-
-* indexed: W x the local sum, so the average is the global sum;
-* grouped: local samples weighted W / n_k with global counts; ``to_overall`` adds the gradient of the
-  global mean, which the other ranks' samples depend on too;
-* dense: a rank's values are its estimate of the constraint (e.g. a mean over its shard); the global
-  estimate is the average of the ranks' estimates, which is what the dual update sees (mean over
-  the gathered samples) and what the averaged gradient of the local Lagrangian term is;
-* other formulations: the penalty of the global estimate (grouped, dense); indexed blocks assume an id
-  is seen by one rank per step (true with DistributedSampler), else the penalty is per rank.
+Forward (each block call with grad enabled): the block math is ``formulation.py``'s, for any world size;
+this module only supplies its ``Reduction``: one all_reduce of the [invalid, non-finite] rank counts,
+so all ranks raise together (or, with ``nonfinite="skip"``, all skip the call and count it) and none
+diverges or hangs in a collective; for grouped blocks two all_gathers of the (group id, value) entries,
+from which each rank takes the global count (and sum) of its entries' groups: O(global batch), never
+O(K); small all_reduces for ``to_overall`` (global sums and sample count) and dense penalties.  Data
+checks are therefore always read on the host under data parallelism (validation.py's eager mode).
 
 A term's value on a rank is an estimate whose mean over the ranks is the global term.  Blocks called
 with grad disabled (evaluation, maybe on one rank only) stay local: no collective, nothing recorded.
@@ -48,30 +37,25 @@ functions (which keep only torch's "state" and "param_groups") and add the block
 
 from __future__ import annotations
 
-import dataclasses
 import sys
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .constraints import SENSES, ConstraintInputError
-from .ops import lagrangian_term
-
-if TYPE_CHECKING:
-    from .constraints import ConstraintBlock
-    from .optim import LagrangianOptimizer
+from .grouping import segments
 
 CONSTRAINTS_KEY = "constraints"
 
 
-def data_parallel_group(process_group) -> Optional["DataParallelGroup"]:
-    """The ranks to keep in step, or None when there is only one (not initialised, or a 1-rank group)."""
+def data_parallel_reduction(process_group) -> Optional[DataParallelReduction]:
+    """The reduction over the ranks to keep in step, or None when there is only one (not initialised, or a
+    1-rank group)."""
     if not (dist.is_available() and dist.is_initialized()):
         return None
     world_size = dist.get_world_size(process_group)
-    return DataParallelGroup(process_group, world_size) if world_size > 1 else None
+    return DataParallelReduction(process_group, world_size) if world_size > 1 else None
 
 
 def local_shards(lists: tuple) -> tuple:
@@ -88,33 +72,48 @@ def local_shards(lists: tuple) -> tuple:
                  for entries in tensors) + tuple(rest)
 
 
-@dataclasses.dataclass
-class _GlobalTotals:
-    """What one all_reduce at a block call tells every rank about the global batch (float64)."""
+class DataParallelReduction:
+    """``formulation.Reduction`` over a process group: the collectives, and nothing of the block math."""
 
-    counts: Optional[Tensor]  # grouped: samples per group
-    value_sum: Optional[Tensor]  # to_overall: sum of values, of dual values
-    dual_value_sum: Optional[Tensor]
-    sums: Optional[Tensor]  # non-Lagrangian grouped / dense: per-constraint sums of the values
-
-
-class DataParallelGroup:
-    """The collectives that keep one optimizer's blocks consistent over a process group."""
+    is_local = False
 
     def __init__(self, process_group, world_size: int) -> None:
         self.process_group = process_group
         self.world_size = world_size
 
-    # ----------------------------------------------------------------------------------------------
-    # Step: gather every block's pending samples from every rank.
+    def sum(self, tensor: Tensor) -> Tensor:
+        total = tensor.clone()
+        dist.all_reduce(total, group=self.process_group)
+        return total
 
-    def gather_pending(self, blocks: list["ConstraintBlock"],
-                       pending: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+    agree = sum
+
+    def group_totals(self, ids: Tensor, num_constraints: int, dtype: torch.dtype,
+                     values: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+        """Gathers every rank's (id, value) entries, O(global batch), never a K-sized buffer."""
+        columns = [ids.double()] + ([] if values is None else [values.double()])
+        all_columns, offset = self._gather_rows(torch.stack(columns, 1))
+        groups = segments(all_columns[:, 0].long(), num_constraints, torch.float64)
+        mine = groups.of_entry[offset : offset + ids.numel()]
+        counts = groups.counts[mine].to(dtype)
+        sums = None if values is None else groups.sums(all_columns[:, 1])[mine].to(dtype)
+        return counts, sums
+
+    def _gather_rows(self, rows: Tensor) -> tuple[Tensor, int]:
+        """Every rank's rows, in rank order, and where this rank's start."""
+        sizes = torch.cat(self._all_gather(torch.tensor([rows.shape[0]], dtype=torch.int64, device=rows.device)))
+        sizes = sizes.tolist()
+        padded = rows.new_zeros(max(sizes), rows.shape[1])
+        padded[: rows.shape[0]] = rows
+        gathered = self._all_gather(padded)
+        rank = dist.get_rank(self.process_group)
+        return torch.cat([g[:n] for g, n in zip(gathered, sizes)]), sum(sizes[:rank])
+
+    def gather_pending(self, pending: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
         """All ranks' (ids, violations) of each block, in rank order; the same lists on every rank."""
-        device = blocks[0].device
+        device = pending[0][0].device
         sizes = torch.tensor([ids.numel() for ids, _ in pending], dtype=torch.int64, device=device)
-        rank_sizes = self._all_gather(sizes)
-        table = torch.stack(rank_sizes).tolist()  # [rank][block]
+        table = torch.stack(self._all_gather(sizes)).tolist()  # [rank][block]
         longest = max(sum(row) for row in table)
         if longest == 0:
             return pending
@@ -124,16 +123,16 @@ class DataParallelGroup:
             flat = torch.cat(local)
             payload[: flat.numel()] = flat
         rank_payloads = self._all_gather(payload)
-        per_block: list[list[tuple[Tensor, Tensor]]] = [[] for _ in blocks]
+        per_block: list[list[tuple[Tensor, Tensor]]] = [[] for _ in pending]
         for row, buffer in zip(table, rank_payloads):
             offset = 0
             for samples, n in zip(per_block, row):
                 samples.append((buffer[offset : offset + n], buffer[offset + n : offset + 2 * n]))
                 offset += 2 * n
         return [
-            (torch.cat([ids for ids, _ in samples]).to(block.device, torch.int64),
-             torch.cat([v for _, v in samples]).to(block.device, torch.float32))
-            for block, samples in zip(blocks, per_block)
+            (torch.cat([ids for ids, _ in samples]).to(own_ids.device, torch.int64),
+             torch.cat([v for _, v in samples]).to(own_ids.device, torch.float32))
+            for (own_ids, _), samples in zip(pending, per_block)
         ]
 
     def _all_gather(self, tensor: Tensor) -> list[Tensor]:
@@ -141,141 +140,12 @@ class DataParallelGroup:
         dist.all_gather(gathered, tensor, group=self.process_group)
         return gathered
 
-    # ----------------------------------------------------------------------------------------------
-    # Forward: a block call, agreed on by all ranks.
-
-    def block_call(self, block: "ConstraintBlock", values: Tensor, ids: Optional[Tensor],
-                   dual_values: Optional[Tensor]) -> Tensor:
-        """``ConstraintBlock.__call__`` under data parallelism (see the module docstring)."""
-        spec = block.spec
-        local_error: Optional[ConstraintInputError] = None
-        try:
-            ids = block._validate(values, ids, dual_values)
-        except ConstraintInputError as error:
-            local_error = error
-        invalid_ranks, nonfinite_ranks, totals = self._all_reduce_totals(block, values, ids, dual_values,
-                                                                         valid=local_error is None)
-        if invalid_ranks:
-            raise local_error or ConstraintInputError(
-                f"constraint block {spec.name!r} ({spec.kind}): invalid input on {invalid_ranks} other rank(s)")
-        if nonfinite_ranks:
-            if spec.nonfinite == "raise":
-                raise ConstraintInputError(
-                    f"constraint block {spec.name!r} ({spec.kind}): values contain NaN or inf on "
-                    f"{nonfinite_ranks} of {self.world_size} ranks (pass nonfinite='skip' to skip such "
-                    "updates on every rank and count them in report())")
-            block.nonfinite_skipped += 1
-            return torch.zeros((), dtype=values.dtype, device=values.device)
-        mean = dual_mean = None
-        if spec.to_overall:
-            total = totals.counts.sum()
-            mean = (totals.value_sum / total).to(values.dtype)
-            dual_mean = (totals.dual_value_sum / total).to(values.dtype)
-        violations = block._signed_violation(values, ids, mean)
-        dual_source = violations if dual_values is None else block._signed_violation(dual_values, ids, dual_mean)
-        block._record(ids, dual_source)
-        return self._primal_term(block, values, violations, ids, totals, mean)
-
-    def _all_reduce_totals(self, block: "ConstraintBlock", values: Tensor, ids: Optional[Tensor],
-                           dual_values: Optional[Tensor], valid: bool) -> tuple[int, int, _GlobalTotals]:
-        """One all_reduce: [invalid, non-finite] rank counts, then the totals the block's kind needs."""
-        spec = block.spec
-        k = spec.num_constraints
-        device = block.device
-        wants_counts = spec.kind == "grouped"
-        wants_sums = spec.formulation != "lagrangian" and spec.kind != "indexed"
-        sizes = [2, k if wants_counts else 0, 2 if spec.to_overall else 0, k if wants_sums else 0]
-        if valid:
-            v = values.detach().double()
-            nonfinite = ~torch.isfinite(v).all()
-            if dual_values is not None:
-                nonfinite |= ~torch.isfinite(dual_values.detach()).all()
-            parts = [torch.stack([torch.zeros((), dtype=torch.float64, device=device), nonfinite.double()])]
-            if wants_counts:
-                parts.append(torch.bincount(ids, minlength=k).double())
-            if spec.to_overall:
-                dual_sum = dual_values.detach().double().sum() if dual_values is not None else v.new_zeros(())
-                parts.append(torch.stack([v.sum(), dual_sum]))
-            if wants_sums:
-                per_constraint = v if spec.kind == "dense" else v.new_zeros(k).index_add_(0, ids, v)
-                parts.append(per_constraint)
-            buffer = torch.cat(parts)
-        else:
-            buffer = torch.zeros(sum(sizes), dtype=torch.float64, device=device)
-            buffer[0] = 1.0
-        dist.all_reduce(buffer, group=self.process_group)
-        status, counts, overall, sums = buffer.split(sizes)
-        invalid_ranks, nonfinite_ranks = (int(x) for x in status.tolist())
-        totals = _GlobalTotals(
-            counts=counts if wants_counts else None,
-            value_sum=overall[0] if spec.to_overall else None,
-            dual_value_sum=overall[1] if spec.to_overall else None,
-            sums=sums if wants_sums else None,
-        )
-        return invalid_ranks, nonfinite_ranks, totals
-
-    # ----------------------------------------------------------------------------------------------
-    # Primal terms whose gradient, averaged over the ranks, is the global batch's.
-
-    def _primal_term(self, block: "ConstraintBlock", values: Tensor, violations: Tensor, ids: Tensor,
-                     totals: _GlobalTotals, mean: Optional[Tensor]) -> Tensor:
-        spec = block.spec
-        world = self.world_size
-        if spec.formulation == "lagrangian":
-            if spec.kind == "dense":
-                return lagrangian_term(violations, ids, block.multipliers)
-            if spec.kind == "indexed":
-                return world * lagrangian_term(violations, ids, block.multipliers)
-            weights = (world / totals.counts[ids]).to(violations.dtype)
-            term = lagrangian_term(violations, ids, block.multipliers, weights)
-            if spec.to_overall:
-                term = term + self._overall_mean_gradient(block, values, totals.counts)
-            return term
-        if spec.kind == "indexed":
-            touched, g = block._per_constraint(violations, ids)
-            return world * block._penalty_term(block.multipliers[touched].to(g.dtype), g)
-        touched, g = self._global_estimates(block, values, violations, ids, totals, mean)
-        term = block._penalty_term(block.multipliers[touched].to(g.dtype), g)
-        # The value is the global penalty on every rank; the gradient is W x this rank's part of it.
-        return term.detach() + world * (term - term.detach())
-
-    def _overall_mean_gradient(self, block: "ConstraintBlock", values: Tensor, counts: Tensor) -> Tensor:
-        """Zero-valued term with the gradient of the global mean in sum_k lambda_k (mean_k - mean - b_k).
-
-        d/dv_i of that sum is s (lambda_k(i) / n_k(i) - sum_{k touched} lambda_k / N): the second part
-        involves every rank's groups, so it cannot come from this rank's samples' autograd alone.
-        """
-        touched_multipliers = block.multipliers[counts > 0].sum().to(values.dtype)
-        local_sum = values.sum()
-        scale = -SENSES[block.spec.sense] * self.world_size * touched_multipliers / counts.sum().to(values.dtype)
-        return scale * (local_sum - local_sum.detach())
-
-    def _global_estimates(self, block: "ConstraintBlock", values: Tensor, violations: Tensor, ids: Tensor,
-                          totals: _GlobalTotals, mean: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        """Per-constraint estimates g_k of the global batch, differentiable in this rank's values."""
-        spec = block.spec
-        if spec.kind == "dense":
-            touched = block._dense_ids()
-            estimate = (totals.sums / self.world_size).to(values.dtype)
-            return touched, block._signed_violation(estimate + (values - values.detach()) / self.world_size, touched)
-        counts = totals.counts
-        touched = torch.nonzero(counts).squeeze(1)
-        n = counts[touched]
-        g = block._signed_violation((totals.sums[touched] / n).to(values.dtype), touched, mean)
-        local = torch.zeros(touched.numel(), dtype=violations.dtype, device=violations.device)
-        local = local.index_add(0, torch.searchsorted(touched, ids), violations)
-        g = g + (local - local.detach()) / n.to(violations.dtype)
-        if spec.to_overall:
-            local_sum = values.sum()
-            g = g - SENSES[spec.sense] * (local_sum - local_sum.detach()) / counts.sum().to(values.dtype)
-        return touched, g
-
 
 # --------------------------------------------------------------------------------------------------
 # torch.distributed.checkpoint
 
 
-def get_optimizer_state_dict(model: torch.nn.Module, optimizer: "LagrangianOptimizer", *, options=None) -> dict:
+def get_optimizer_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, options=None) -> dict:
     """torch.distributed.checkpoint.state_dict.get_optimizer_state_dict plus the blocks' state.
 
     The multipliers are replicated plain tensors, so ``dcp.save`` writes them once.
@@ -287,7 +157,7 @@ def get_optimizer_state_dict(model: torch.nn.Module, optimizer: "LagrangianOptim
     return state
 
 
-def set_optimizer_state_dict(model: torch.nn.Module, optimizer: "LagrangianOptimizer", optim_state_dict: dict,
+def set_optimizer_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer, optim_state_dict: dict,
                              *, options=None) -> None:
     """torch.distributed.checkpoint.state_dict.set_optimizer_state_dict plus the blocks' state."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict as torch_set

@@ -23,6 +23,8 @@ from torch import Tensor
 from . import backends, distributed
 from .constraints import ConstraintBlock, ConstraintSpec
 from .contract import Algorithm, PrimalFlag
+from .formulation import LOCAL, BlockContext, Recording, Reduction
+from .validation import VALIDATION_MODES, is_deferred
 
 
 def _as_float(value) -> float:
@@ -31,9 +33,17 @@ def _as_float(value) -> float:
 
 
 class LagrangianOptimizer(torch.optim.Optimizer):
-    """Base class: constraint blocks, the fused step, state_dict with multipliers, report()."""
+    """Base class: constraint blocks, the fused step, state_dict with multipliers, report().
+
+    ``validation`` ("auto", "eager" or "deferred"; settable on the instance) says when the data checks
+    of block calls (ids in range, finite values) are read on the host: "eager" in the block call,
+    "deferred" at the next ``raise_input_errors()`` / ``report()`` (or uncompiled CPU ``step()``), the
+    step skipping the whole update meanwhile; "auto" is eager on the CPU, deferred on accelerators and
+    inside torch.compile.  See ``validation.py``.
+    """
 
     algorithm: Algorithm
+    validation: str = "auto"
 
     def __init__(self, params, defaults: dict, backend: str, process_group=None) -> None:
         if defaults.get("differentiable"):
@@ -46,7 +56,11 @@ class LagrangianOptimizer(torch.optim.Optimizer):
         # torch.distributed is initialised); see distributed.py.
         self.process_group = process_group
         self.constraints: dict[str, ConstraintBlock] = {}
-        self._implementations: dict[tuple[str, str], Callable] = {}
+        self._implementations: dict[tuple[str, str], tuple[str, Callable]] = {}
+        # Deferred checks: the sum of the error codes of the calls recorded since the last step (device).
+        self._input_errors: Optional[Tensor] = None
+        self._block_context = BlockContext(reduction=self._reduction, deferred_checks=self._deferred_checks,
+                                           uses_triton=self._uses_triton, recorded=self._recorded)
         # GradScaler hands us grad_scale / found_inf instead of unscaling the gradients itself.
         self._step_supports_amp_scaling = True
 
@@ -61,19 +75,45 @@ class LagrangianOptimizer(torch.optim.Optimizer):
             raise ValueError(f"a constraint block named {name!r} already exists")
         spec = ConstraintSpec(name=name, kind=kind, num_constraints=num_constraints, sense=sense, bound=bound,
                               dual_lr=dual_lr, **options)
-        block = ConstraintBlock(self, spec, torch.device(device) if device is not None else self._default_device())
+        block = ConstraintBlock(self._block_context, spec,
+                                torch.device(device) if device is not None else self._default_device())
         self.constraints[name] = block
         return block
 
     def _default_device(self) -> torch.device:
         return self.param_groups[0]["params"][0].device
 
-    def _data_parallel(self) -> Optional[distributed.DataParallelGroup]:
-        return distributed.data_parallel_group(self.process_group)
+    def _reduction(self) -> Reduction:
+        return distributed.data_parallel_reduction(self.process_group) or LOCAL
+
+    def _deferred_checks(self, device: torch.device) -> bool:
+        if self.validation not in VALIDATION_MODES:
+            raise ValueError(f"validation must be one of {VALIDATION_MODES}, got {self.validation!r}")
+        return is_deferred(self.validation, device)
+
+    def _uses_triton(self, device: torch.device) -> bool:
+        return self._resolved(device)[0] == "triton"
+
+    def _recorded(self, block: ConstraintBlock, recording: Recording) -> None:
+        if recording.error is not None:
+            errors = self._input_errors
+            self._input_errors = recording.error if errors is None else errors + recording.error
+        if block.spec.ordering == "dual_first":
+            self._dual_step([block])
 
     def report(self) -> dict:
-        """Per block: observed count, max violation, number violated, multiplier statistics."""
+        """Per block: observed count, max violation, number violated, multiplier statistics.
+
+        Reads the deferred input checks first: raises the ConstraintInputError of a bad call.
+        """
+        self.raise_input_errors()
         return {name: block.report() for name, block in self.constraints.items()}
+
+    def raise_input_errors(self) -> None:
+        """Reads the deferred input checks of every block (one host sync); raises for the first bad call."""
+        self._input_errors = None
+        for block in self.constraints.values():
+            block.raise_input_errors()
 
     # ----------------------------------------------------------------------------------------------
     # The step
@@ -86,29 +126,42 @@ class LagrangianOptimizer(torch.optim.Optimizer):
                 loss = closure()
         primal = self._gather_primal()
         blocks = [b for b in self.constraints.values() if b.spec.ordering == "simultaneous"]
-        self._run(primal, blocks, getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
+        self._run(primal, blocks, getattr(self, "grad_scale", None), getattr(self, "found_inf", None),
+                  self._take_input_errors())
         return loss
+
+    def _take_input_errors(self) -> Optional[Tensor]:
+        """This step's deferred error code; on the CPU outside torch.compile it is read and raised here."""
+        errors, self._input_errors = self._input_errors, None
+        if errors is not None and errors.device.type == "cpu" and not torch.compiler.is_compiling() and int(errors):
+            for block in self.constraints.values():
+                block.discard_pending()
+            self.raise_input_errors()
+        return errors
 
     @torch.no_grad()
     def _dual_step(self, blocks: list[ConstraintBlock]) -> None:
         """The dual update alone (dual-first ordering): the same call with no parameter tensors."""
-        self._run(([], [], [], [], [], [], [], []), blocks, None, None)
+        self._run(([], [], [], [], [], [], [], []), blocks, None, None, self._input_errors)
 
-    def _run(self, primal: tuple, blocks: list[ConstraintBlock], grad_scale, found_inf) -> None:
-        # On an AMP overflow (found_inf) the backend skips primal and dual alike, device-side; the
-        # pending violations belong to that skipped iteration and are dropped with it.
+    def _run(self, primal: tuple, blocks: list[ConstraintBlock], grad_scale, found_inf,
+             input_errors: Optional[Tensor]) -> None:
+        # On an AMP overflow (found_inf) or a deferred input error the backend skips primal and dual
+        # alike, device-side; the pending violations belong to that skipped iteration and are dropped.
         pending = [block.take_pending() for block in blocks]
-        data_parallel = self._data_parallel() if blocks else None
-        if data_parallel is not None:
-            pending = data_parallel.gather_pending(blocks, pending)
+        if blocks:
+            pending = self._reduction().gather_pending(pending)
         if not primal[0] and not blocks:
             return
+        if input_errors is not None:
+            skip = (input_errors > 0).float().reshape(1)
+            found_inf = skip if found_inf is None else found_inf + skip.to(found_inf.device)
         hparams, flags = [], []
         for block in blocks:
             hparams += block.spec.dual_hparams
             flags.append(block.spec.dual_flags)
         device = primal[0][0].device if primal[0] else blocks[0].device
-        stats = self._implementation(device)(
+        stats = self._resolved(device)[1](
             *primal, int(self.algorithm),
             [b.multipliers for b in blocks], [b.dual_state for b in blocks],
             [ids for ids, _ in pending], [v for _, v in pending], hparams, flags,
@@ -117,14 +170,15 @@ class LagrangianOptimizer(torch.optim.Optimizer):
         for row, block in enumerate(blocks):
             block.last_stats = (stats, row)
 
-    def _implementation(self, device: torch.device) -> Callable:
-        """The backend's ``fused_step`` for this device, resolved once: the probes cost more than a small step."""
+    def _resolved(self, device: torch.device) -> tuple[str, Callable]:
+        """The backend's name and ``fused_step`` for this device, resolved once: the probes cost more than a
+        small step."""
         key = (self.backend, device.type)
-        implementation = self._implementations.get(key)
-        if implementation is None:
-            implementation = backends.fused_step_of(backends.resolve(self.backend, device))
-            self._implementations[key] = implementation
-        return implementation
+        resolved = self._implementations.get(key)
+        if resolved is None:
+            name = backends.resolve(self.backend, device)
+            resolved = self._implementations[key] = (name, backends.fused_step_of(name))
+        return resolved
 
     def _gather_primal(self) -> tuple:
         """Lists in contract order: params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hparams, flags."""

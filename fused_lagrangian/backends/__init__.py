@@ -1,76 +1,18 @@
 """Backend registry: which implementations of ``fused_step`` exist here, and which one "auto" picks.
 
-Each backend module registers a ``Backend`` entry: its name, a probe that says whether it can run on
-a device (and why not), and its ``fused_step``.  Dispatch is a table lookup by device type, never a
-chain of special cases in the optimizer.
+Each backend module registers a ``Backend`` entry (``registry.py``): its name, a probe that says whether
+it can run on a device (and why not), and its ``fused_step``.  Dispatch is a table lookup by device
+type, never a chain of special cases in the optimizer.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Callable, Optional
+# Each backend module registers itself and loads nothing until used; this order is the listing order.
+from . import reference  # noqa: F401,I001
+from . import native  # noqa: F401
+from . import triton_backend  # noqa: F401
+from .registry import (AUTO_PREFERENCE, Backend, build_status, fused_step_of, names, register, resolve,
+                       unavailable_reason)
 
-import torch
-
-from . import reference
-
-# Preference order of the "auto" choice, per device type: the first available backend wins.
-AUTO_PREFERENCE = {
-    "cuda": ("triton", "native", "reference"),
-    "cpu": ("native", "reference"),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class Backend:
-    name: str
-    # Returns None when the backend can run on this device type, else the reason it cannot.
-    unavailable_reason: Callable[[str], Optional[str]]
-    # Resolved lazily so that importing the package never builds or compiles anything.
-    load_fused_step: Callable[[], Callable]
-    # Human-readable build/installation status for `fused-lagrangian info` ("" when nothing to say).
-    build_status: Callable[[], str] = lambda: ""
-
-
-_REGISTRY: dict[str, Backend] = {}
-
-
-def register(backend: Backend) -> None:
-    _REGISTRY[backend.name] = backend
-
-
-def names() -> list[str]:
-    return list(_REGISTRY)
-
-
-def unavailable_reason(name: str, device_type: str) -> Optional[str]:
-    if name not in _REGISTRY:
-        return f"unknown backend {name!r}; known: {', '.join(_REGISTRY)}"
-    return _REGISTRY[name].unavailable_reason(device_type)
-
-
-def resolve(name: str, device: torch.device) -> str:
-    """The concrete backend name for ``name`` ("auto" or a backend) on ``device``; raises if it cannot run."""
-    if name == "auto":
-        for candidate in AUTO_PREFERENCE.get(device.type, ("reference",)):
-            if candidate in _REGISTRY and unavailable_reason(candidate, device.type) is None:
-                return candidate
-        return "reference"
-    reason = unavailable_reason(name, device.type)
-    if reason is not None:
-        raise RuntimeError(f"backend {name!r} cannot run on {device.type}: {reason}")
-    return name
-
-
-def build_status(name: str) -> str:
-    return _REGISTRY[name].build_status()
-
-
-def fused_step_of(name: str) -> Callable:
-    return _REGISTRY[name].load_fused_step()
-
-
-register(Backend("reference", lambda device_type: None, lambda: reference.fused_step))
-
-from . import native  # noqa: E402,F401  (registers itself; loads nothing until used)
-from . import triton_backend  # noqa: E402,F401  (registers itself; imports triton only when used)
+__all__ = ["AUTO_PREFERENCE", "Backend", "build_status", "fused_step_of", "names", "register", "resolve",
+           "unavailable_reason"]

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from . import Backend, register
+from .registry import Backend, register
 
 JIT_ENV = "FUSED_LAGRANGIAN_JIT"
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

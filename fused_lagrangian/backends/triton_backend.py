@@ -37,7 +37,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.autograd.graph import increment_version
 
 from ..contract import DUAL_HPARAMS, PRIMAL_HPARAMS, STATS_COLUMNS, Algorithm
-from . import Backend, register
+from .registry import Backend, register
 
 PRIMAL_BLOCK = 1024
 PRIMAL_TILES = 4

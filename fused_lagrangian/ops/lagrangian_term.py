@@ -7,16 +7,19 @@ number of constraints.  The multipliers are constants of the primal problem: no 
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 
-def lagrangian_term(violations: Tensor, ids: Tensor, multipliers: Tensor, weights: Optional[Tensor] = None) -> Tensor:
-    """``sum_i weights_i * multipliers[ids_i] * violations_i``; differentiable in ``violations`` only."""
-    if violations.is_cuda and _TRITON_PRESENT:
+def lagrangian_term(violations: Tensor, ids: Tensor, multipliers: Tensor, weights: Optional[Tensor] = None, *,
+                    use_triton: bool = False) -> Tensor:
+    """``sum_i weights_i * multipliers[ids_i] * violations_i``; differentiable in ``violations`` only.
+
+    ``use_triton``: the caller's resolved backend is Triton (``backends.resolve``, the one place that decides).
+    """
+    if use_triton:
         from .lagrangian_term_triton import lagrangian_term_triton  # one kernel forward, one backward
 
         return lagrangian_term_triton(violations, ids, multipliers, weights)
@@ -27,5 +30,3 @@ def lagrangian_term(violations: Tensor, ids: Tensor, multipliers: Tensor, weight
         coefficients = coefficients * weights
     return torch.dot(coefficients, violations)
 
-
-_TRITON_PRESENT = importlib.util.find_spec("triton") is not None
