@@ -86,7 +86,8 @@ class RateParity:
     def __call__(self, logits: Tensor, group_ids: Tensor, labels: Optional[Tensor] = None, *,
                  held_out_logits: Optional[Tensor] = None, held_out_group_ids: Optional[Tensor] = None,
                  held_out_labels: Optional[Tensor] = None) -> Tensor:
-        """The loss term of both blocks for this batch (logits and group ids of shape (B,)).
+        """The loss term of both blocks for this batch: logits (B,), group ids (B,), or (B, M) memberships
+        padded with -1 for overlapping groups (e.g. sex, race and their intersections; ``memberships``).
 
         With ``held_out_logits`` and ``held_out_group_ids`` (rows the loss does not fit: the two-dataset
         scheme, see the module docstring), the multipliers move by the held-out rows' hard rates and this
@@ -120,8 +121,12 @@ class RateParity:
             positive = labels > 0.5
             logits, group_ids = logits[positive], group_ids[positive]
         soft, hard = soft_and_hard_predictions(logits)
+        # The overall rate is the mean over samples, whatever their memberships.
         soft, hard = soft - soft.mean(), hard - hard.mean()
         if self.constrained is not None:
+            if group_ids.dim() == 2:  # memberships (B, M) padded with -1: unconstrained ones become padding
+                member = (group_ids >= 0) & self.constrained[group_ids.clamp(min=0)]
+                return soft, hard, torch.where(member, group_ids, torch.full_like(group_ids, -1))
             rows = self.constrained[group_ids].nonzero().squeeze(1)  # one nonzero pass for all three tensors
             soft, hard, group_ids = (t.index_select(0, rows) for t in (soft, hard, group_ids))
         return soft, hard, group_ids
@@ -185,6 +190,10 @@ def split_for_constraints(group_ids: Tensor, fraction: float, *, min_group_rows:
         raise ValueError(f"fraction must be in (0, 1), got {fraction}")
     generator = torch.Generator().manual_seed(seed)
     ids = group_ids.cpu().long()
+    if ids.dim() == 2:  # memberships: stratify by each row's first group (e.g. its intersectional group)
+        ids = ids[:, 0]
+    if bool((ids < 0).any()):
+        raise ValueError("split_for_constraints: every row needs a group id >= 0 (in the first column)")
     # Sort the rows by (group, random key): each group's rows become a random run; the first
     # round(fraction * n_k) of each run are held out.
     order = torch.argsort(ids.double() + torch.rand(ids.numel(), generator=generator, dtype=torch.float64) * 0.5)
@@ -199,13 +208,44 @@ def split_for_constraints(group_ids: Tensor, fraction: float, *, min_group_rows:
     return primal.nonzero().squeeze(1).to(device), constraint.nonzero().squeeze(1).to(device)
 
 
+def memberships(*group_ids: Tensor) -> Tensor:
+    """(B, M) memberships of overlapping group families, e.g. ``memberships(intersection_ids, sex_ids +
+    offset, race_ids + offset2)``: the ids of each family must not collide (offset them).  A -1 entry is
+    padding (no group of that family)."""
+    return torch.stack([ids.long() for ids in group_ids], dim=1)
+
+
+def size_slack(epsilon: float, group_rows: Tensor, rate: float, z: float = 1.959964) -> Tensor:
+    """Per-group bounds ``max(epsilon, z * sqrt(rate * (1 - rate) / n_k))``: no group is held tighter than
+    what its n_k rows can measure (the half-width of a normal interval of a rate ``rate`` over n_k rows).
+    Large groups keep ``epsilon``; a group of 10 rows at rate 0.25 gets 0.27 (z = 1.96)."""
+    rows = group_rows.double().clamp(min=1)
+    noise = z * math.sqrt(rate * (1.0 - rate)) / torch.sqrt(rows)
+    return noise.clamp(min=epsilon).float()
+
+
 # --------------------------------------------------------------------------------------------------
-# Metrics.  All take hard 0/1 predictions (or per-row losses) and dense group ids; empty groups give NaN
-# and are ignored by the summaries.
+# Metrics.  All take hard 0/1 predictions (or per-row losses) and dense group ids, (B,) or (B, M)
+# memberships padded with -1 (a row counts in each of its groups); empty groups give NaN and are ignored
+# by the summaries.  Overall rates are means over rows.
+
+def flatten_memberships(values: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """One (value, group) pair per membership: (B,) ids unchanged, (B, M) ids without their padding."""
+    if group_ids.dim() == 1:
+        return values, group_ids
+    member = group_ids >= 0
+    return values.unsqueeze(1).expand_as(group_ids)[member], group_ids[member]
+
+
+def group_sizes(group_ids: Tensor, num_groups: int) -> Tensor:
+    """Rows per group (a row with several memberships counts in each)."""
+    member_ids = group_ids if group_ids.dim() == 1 else group_ids[group_ids >= 0]
+    return torch.bincount(member_ids, minlength=num_groups)
+
 
 def group_means(values: Tensor, group_ids: Tensor, num_groups: int) -> Tensor:
     """Mean of ``values`` per group (NaN for a group with no row)."""
-    values = values.double()
+    values, group_ids = flatten_memberships(values.double(), group_ids)
     sums = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, group_ids, values)
     counts = torch.bincount(group_ids, minlength=num_groups).double()
     return sums / counts
@@ -262,7 +302,7 @@ def worst_group_error(predictions: Tensor, labels: Tensor, group_ids: Tensor, nu
 
 def smallest_group_size(group_ids: Tensor, num_groups: int, constrained: Optional[Tensor] = None) -> int:
     """Rows in the smallest non-empty (and, if given, constrained) group."""
-    sizes = torch.bincount(group_ids, minlength=num_groups).double()
+    sizes = group_sizes(group_ids, num_groups).double()
     sizes[sizes == 0] = math.nan
     return int(torch.nan_to_num(_select(sizes, constrained), nan=math.inf).min())
 
@@ -296,13 +336,15 @@ def wilson_interval(successes: Tensor, trials: Tensor, z: float = 1.959964) -> t
     z2 = z * z
     centre = (p + z2 / (2 * n)) / (1 + z2 / n)
     half = z / (1 + z2 / n) * torch.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
-    return centre - half, centre + half
+    # Clamped: at p = 0 or 1 the bound is 0 or 1 exactly, up to float rounding.
+    return (centre - half).clamp(0.0, 1.0), (centre + half).clamp(0.0, 1.0)
 
 
 def rate_intervals(predictions: Tensor, group_ids: Tensor, num_groups: int,
                    z: float = 1.959964) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per group: positive rate, Wilson interval (low, high) and rows (NaN rate and bounds when empty)."""
-    positives = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, group_ids, predictions.double())
+    predictions, group_ids = flatten_memberships(predictions.double(), group_ids)
+    positives = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, group_ids, predictions)
     rows = torch.bincount(group_ids, minlength=num_groups)
     low, high = wilson_interval(positives, rows, z)
     return positives / rows, low, high, rows

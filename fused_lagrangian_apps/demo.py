@@ -65,6 +65,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="fused-lagrangian demo", description=__doc__, formatter_class=_HelpFormatter)
     parser.add_argument("--groups", default="race,sex,age",
                         help=f"comma list of {','.join(GROUP_KEYS)} (Adult only; race,sex,age: 59 groups)")
+    parser.add_argument("--marginals", default="",
+                        help="comma list of attributes whose marginal groups (e.g. race,sex: each race, each sex) "
+                             "are constrained too, overlapping the intersectional groups of --groups (Adult only)")
     parser.add_argument("--constraint", choices=fairness.CONSTRAINTS, default="dp",
                         help="dp: demographic parity, eo: equal opportunity, group-loss: bounded group loss")
     parser.add_argument("--epsilon", type=float, default=None,
@@ -81,6 +84,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--held-out-min-rows", type=int, default=200,
                         help="--held-out splits only groups with at least this many training rows; the rows of "
                              "smaller groups both fit the model and drive the multipliers")
+    parser.add_argument("--held-out-mode", choices=("held-out", "both"), default="held-out",
+                        help="held-out: the multipliers see the held-out rows only; both: also every training row "
+                             "(a second pair of blocks), so the run is train-feasible too")
+    parser.add_argument("--slack", type=float, default=0.0,
+                        help="z > 0: each group's bound is max(epsilon, z * sqrt(r (1 - r) / n_k)), r the base "
+                             "rate, n_k its training rows: small groups are not held tighter than their rows can "
+                             "measure (0: epsilon for every group)")
     parser.add_argument("--runs", default="unconstrained,penalties,lagrangian,sensitivity",
                         help="which runs: unconstrained, penalties (the sweep), lagrangian, sensitivity (the "
                              "Lagrangian run at 0.3x and 3x dual_lr)")
@@ -117,7 +127,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.epsilon is None:
         args.epsilon = 0.4 if args.constraint == "group-loss" else 0.05
     args.groups = tuple(key.strip() for key in args.groups.split(",") if key.strip())
-    unknown = [key for key in args.groups if key not in GROUP_KEYS]
+    args.marginals = tuple(key.strip() for key in args.marginals.split(",") if key.strip())
+    unknown = [key for key in args.groups + args.marginals if key not in GROUP_KEYS]
     if unknown:
         parser.error(f"--groups: unknown {unknown}; choose from {','.join(GROUP_KEYS)}")
     try:

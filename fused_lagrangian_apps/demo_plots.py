@@ -110,7 +110,7 @@ def plot_groups(groups: list[dict], args: "argparse.Namespace", path: Path) -> P
             axis.set_visible(False)
             continue
         rates = np.array([g[f"{label}_rate_test"] for g in rows])
-        overall = float(np.sum(rates * sizes) / np.sum(sizes)) if rows else 0.0
+        overall = rates[0] - rows[0][f"{label}_rate_test_minus_overall"]
         low, high = np.array([g[f"{label}_rate_test_interval"] for g in rows]).T
         outside = np.array([g[f"{label}_test_interval_outside_bound"] for g in rows], dtype=bool)
         for mask, color, name in ((~outside, "tab:blue", "interval meets the bound"),

@@ -130,6 +130,7 @@ def group_table(args: argparse.Namespace, problem: Problem, results: list[RunRes
             row[f"{label}_rate_test"] = run.rates["test"][k]
             if columns[label] is not None:
                 low, high, outside = columns[label]
+                row[f"{label}_rate_test_minus_overall"] = run.rates["test"][k] - run.rates["overall_test"]
                 row[f"{label}_rate_test_interval"] = [float(low[k]), float(high[k])]
                 row[f"{label}_test_interval_outside_bound"] = bool(outside[k])
         rows.append(row)
@@ -143,10 +144,9 @@ def _test_intervals(args: argparse.Namespace, problem: Problem, run: RunResult):
         return None
     rates = torch.tensor(run.rates["test"], dtype=torch.float64)
     rows = problem.sizes_test
-    positives = torch.nan_to_num(rates) * rows
-    low, high = fairness.wilson_interval(positives, rows)
-    overall = float(positives.sum() / rows.sum())
-    outside = fairness.parity_excluded(low, high, overall, args.epsilon) & problem.constrained
+    low, high = fairness.wilson_interval(torch.nan_to_num(rates) * rows, rows)
+    overall = run.rates["overall_test"]
+    outside = fairness.parity_excluded(low, high, overall, problem.epsilon) & problem.constrained
     return low, high, outside
 
 
@@ -237,7 +237,7 @@ def _worst_test_groups(args: argparse.Namespace, problem: Problem, results: list
     lagrangian = main_lagrangian(results)
     test_rates = torch.tensor(lagrangian.rates["test"], dtype=torch.float64)
     low, high, outside = _test_intervals(args, problem, lagrangian)
-    overall = float(torch.nansum(test_rates * problem.sizes_test) / problem.sizes_test.sum())
+    overall = lagrangian.rates["overall_test"]
     gaps = (test_rates - overall).abs()
     gaps[~problem.constrained | torch.isnan(gaps)] = -1
     lines = []
@@ -280,6 +280,8 @@ def write_outputs(args: argparse.Namespace, problem: Problem, results: list[RunR
         "runs": [r.to_json() for r in results],
         "groups": groups,
         "plots": plots,
+        "overall_rates": {run.spec.label: {"train": run.rates["overall_train"], "test": run.rates["overall_test"]}
+                          for run in results},
     }
     (out / "report.json").write_text(json.dumps(_strict_json(report), indent=2, allow_nan=False))
     return report

@@ -77,19 +77,30 @@ def constraint_term(args: argparse.Namespace, problem: Problem, opt: LagrangianA
             options.update(dual_rule="nupi", kp=args.kp, ki=1.0)
     else:
         options.update(dual_lr=0.0, penalty=spec.penalty)
-    k, eps, keep = problem.num_groups, args.epsilon, problem.constrained
+    k, eps, keep = problem.num_groups, problem.epsilon, problem.constrained
     if args.constraint in fairness.PARITY_CONSTRAINTS:
         helper = fairness.demographic_parity if args.constraint == "dp" else fairness.equal_opportunity
         parity = helper(opt, k, eps, constrained=keep, **options)
+        # --held-out-mode both: a second pair of blocks holds every training row (primal and held out) to the
+        # bound too, so the run is train-feasible as well as feasible on rows it does not fit.
+        on_all_rows = (helper(opt, k, eps, constrained=keep, name=f"{args.constraint}_all_rows", **options)
+                       if spec.formulation == "lagrangian" and args.held_out_mode == "both" else None)
 
         def parity_term(logits: Tensor, labels: Tensor, groups: Tensor, held_out=None) -> Tensor:
             if held_out is None:
                 return parity(logits, groups, labels)
             held_logits, held_labels, held_groups = held_out
-            return parity(logits, groups, labels, held_out_logits=held_logits, held_out_group_ids=held_groups,
+            term = parity(logits, groups, labels, held_out_logits=held_logits, held_out_group_ids=held_groups,
                           held_out_labels=held_labels)
+            if on_all_rows is not None:
+                term = term + on_all_rows(
+                    logits, groups, labels, held_out_logits=torch.cat([logits.detach(), held_logits.detach()]),
+                    held_out_group_ids=torch.cat([groups, held_groups]),
+                    held_out_labels=torch.cat([labels, held_labels]))
+            return term
 
-        return parity_term, list(parity.blocks)
+        blocks = list(parity.blocks) + ([] if on_all_rows is None else list(on_all_rows.blocks))
+        return parity_term, blocks
     block = fairness.bounded_group_loss(opt, k, eps, **options)
 
     def group_loss(logits: Tensor, labels: Tensor, groups: Tensor, held_out=None) -> Tensor:
@@ -239,7 +250,7 @@ def _train_score(args: argparse.Namespace, problem: Problem, logits: Tensor) -> 
     losses = (F.binary_cross_entropy_with_logits(logits, problem.y_train, reduction="none")
               if args.constraint == "group-loss" else None)
     excess = fairness.constraint_excess(args.constraint, predictions, problem.y_train, losses, problem.g_train,
-                                        problem.num_groups, args.epsilon)
+                                        problem.num_groups, problem.epsilon)
     accuracy = float((predictions == problem.y_train).float().mean())
     return accuracy, fairness.max_violation(excess, problem.constrained)
 
@@ -248,15 +259,15 @@ def _train_score(args: argparse.Namespace, problem: Problem, logits: Tensor) -> 
 def evaluate(args: argparse.Namespace, problem: Problem, model: nn.Module) -> tuple[dict, dict]:
     def split(x: Tensor, y: Tensor, g: Tensor) -> dict:
         logits = model(x).squeeze(1)
-        metrics = fairness.fairness_metrics(logits, y, g, problem.num_groups, args.constraint, args.epsilon,
+        metrics = fairness.fairness_metrics(logits, y, g, problem.num_groups, args.constraint, problem.epsilon,
                                             problem.constrained)
         metrics["feasible"] = metrics["max_violation"] <= args.tolerance
         metrics["tightest_excess"] = _tightest_excess(args, problem, logits, y, g)
         # Rates of groups of a few rows are mostly noise on a held-out split; this view leaves them out.
-        large = problem.constrained & (torch.bincount(g, minlength=problem.num_groups) >= args.large_group_rows)
+        large = problem.constrained & (fairness.group_sizes(g, problem.num_groups) >= args.large_group_rows)
         metrics["large_groups"] = int(large.sum())
         metrics["max_violation_large_groups"] = fairness.fairness_metrics(
-            logits, y, g, problem.num_groups, args.constraint, args.epsilon, large)["max_violation"]
+            logits, y, g, problem.num_groups, args.constraint, problem.epsilon, large)["max_violation"]
         metrics["groups_outside_bound_by_interval"] = _groups_outside_by_interval(args, problem, logits, y, g)
         return metrics
 
@@ -269,7 +280,7 @@ def _tightest_excess(args: argparse.Namespace, problem: Problem, logits: Tensor,
     that much room (how far the model over-satisfies the constraints)."""
     predictions = (logits > 0).float()
     losses = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
-    excess = fairness.constraint_excess(args.constraint, predictions, y, losses, g, problem.num_groups, args.epsilon)
+    excess = fairness.constraint_excess(args.constraint, predictions, y, losses, g, problem.num_groups, problem.epsilon)
     excess = excess[problem.constrained]
     excess = excess[~torch.isnan(excess)]
     return float(excess.max()) if excess.numel() else math.nan
@@ -285,13 +296,17 @@ def _groups_outside_by_interval(args: argparse.Namespace, problem: Problem, logi
         positive = y > 0.5
         predictions, g = predictions[positive], g[positive]
     _, low, high, _ = fairness.rate_intervals(predictions, g, problem.num_groups)
-    outside = fairness.parity_excluded(low, high, float(predictions.mean()), args.epsilon)
+    outside = fairness.parity_excluded(low, high, float(predictions.mean()), problem.epsilon)
     return int((outside & problem.constrained).sum())
 
 
 @torch.no_grad()
 def _rates(problem: Problem, model: nn.Module) -> dict:
-    def rates(x: Tensor, g: Tensor) -> list:
-        return fairness.group_rates((model(x).squeeze(1) > 0).float(), g, problem.num_groups).tolist()
-
-    return {"train": rates(problem.x_train, problem.g_train), "test": rates(problem.x_test, problem.g_test)}
+    predictions = {split: (model(x).squeeze(1) > 0).float() for split, x in (("train", problem.x_train),
+                                                                             ("test", problem.x_test))}
+    groups = {"train": problem.g_train, "test": problem.g_test}
+    rates = {split: fairness.group_rates(p, groups[split], problem.num_groups).tolist()
+             for split, p in predictions.items()}
+    # The overall rate is over rows (with overlapping groups, not over memberships).
+    rates.update({f"overall_{split}": float(p.mean()) for split, p in predictions.items()})
+    return rates

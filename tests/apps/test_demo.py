@@ -1,12 +1,15 @@
 """Tiny versions of every path of ``fused-lagrangian demo``: report.json's fields agree with each other and
-with the data, and the plots are real PNG images."""
+with the data, and the plots are real PNG images.  Then full-length runs: the Lagrangian run's sensitivity
+to dual_lr, overlapping groups, and the README's tables against a fresh run of the default demo."""
 
 import json
+import shlex
+from pathlib import Path
 
 import matplotlib.image
 import pytest
 
-from fused_lagrangian_apps import cli, demo
+from fused_lagrangian_apps import cli, demo, readme_tables
 
 METRICS = ("accuracy", "positive_rate", "dp_gap", "eo_gap", "max_violation", "groups_violated",
            "worst_group_error", "smallest_group_size", "feasible")
@@ -21,10 +24,12 @@ def run_demo(tmp_path, *options, penalties="1,100", capsys=None):
     return json.loads((out / "report.json").read_text()), out
 
 
-def check_report(report, out, num_penalties, min_group_size=10):
+def check_report(report, out, num_penalties, min_group_size=10, sensitivity=True):
     runs = report["runs"]
-    assert runs[0]["label"] == "unconstrained" and runs[-1]["label"] == "lagrangian"
-    assert len(runs) == num_penalties + 2
+    lagrangian_runs = [r for r in runs if r["formulation"] == "lagrangian"]
+    assert runs[0]["label"] == "unconstrained" and lagrangian_runs[0]["label"] == "lagrangian"
+    assert [r["dual_lr_scale"] for r in lagrangian_runs] == ([1.0, 0.3, 3.0] if sensitivity else [1.0])
+    assert len(runs) == num_penalties + 1 + len(lagrangian_runs)
     for run in runs:
         for split in ("train", "test"):
             assert set(METRICS) <= set(run[split])
@@ -43,20 +48,40 @@ def check_report(report, out, num_penalties, min_group_size=10):
     assert all(g["constrained"] == (g["train_size"] >= min_group_size) for g in groups
                if report["config"]["constraint"] != "eo")
     assert summary["smallest_constrained_group_train"] == min(g["train_size"] for g in constrained)
-    lagrangian = runs[-1]["train"]
+    lagrangian = lagrangian_runs[0]["train"]
     assert summary["lagrangian"]["accuracy"] == lagrangian["accuracy"]
+    assert len(summary["sensitivity"]) == len(lagrangian_runs)
+    assert summary["lagrangian"]["test_max_violation_large_groups"] == lagrangian_runs[0]["test"][
+        "max_violation_large_groups"]
+    assert report["command"].startswith("fused-lagrangian demo") and "--out" not in report["command"]
     feasible_accuracies = [r["train"]["accuracy"] for r in sweep if r["train"]["feasible"]]
     best = summary["best_feasible_penalty"]
     assert (best["accuracy"] if best else None) == max(feasible_accuracies, default=None)
     assert summary["least_violating_penalty"]["max_violation"] == min(r["train"]["max_violation"] for r in sweep)
     gap = summary["accuracy_gap_to_best_feasible_penalty"]
     assert summary["criterion_met"] == (lagrangian["feasible"] and (gap is None or gap <= 0.02))
-    for name in ("training", "tradeoff"):
+    if report["config"]["constraint"] == "dp":
+        check_intervals(report)
+    for name in report["plots"]:
         path = out / f"{name}.png"
         assert path.read_bytes()[:8] == PNG_SIGNATURE
         height, width, _ = matplotlib.image.imread(path).shape
         assert height > 100 and width > 100
     return summary
+
+
+def check_intervals(report):
+    """Every group with test rows has a Wilson interval around its rate; the count of intervals outside the
+    bound in the runs' test metrics is the one of the groups table."""
+    for group in report["groups"]:
+        if group["test_size"] == 0:
+            continue
+        low, high = group["lagrangian_rate_test_interval"]
+        assert 0.0 <= low <= group["lagrangian_rate_test"] + 1e-12 <= high + 2e-12 <= 1.0 + 2e-12
+        if group["test_size"] <= 10:  # a few rows cannot pin a rate down: the interval says so
+            assert high - low > 0.25
+    outside = sum(g["lagrangian_test_interval_outside_bound"] for g in report["groups"] if g["test_size"])
+    assert report["summary"]["lagrangian"]["test_groups_outside_bound_by_interval"] == outside
 
 
 def test_adult_demographic_parity(tmp_path, capsys):
@@ -67,6 +92,21 @@ def test_adult_demographic_parity(tmp_path, capsys):
     assert sum(g["test_size"] for g in report["groups"]) == 15060
     printed = capsys.readouterr().out
     assert "penalty sweep (2 runs)" in printed and "criterion" in printed and "report.json" in printed
+    assert "#CI out" in printed and "groups with >= 100 test rows:" in printed
+
+
+def test_two_dataset_scheme_overlapping_groups_and_minibatches(tmp_path):
+    report, out = run_demo(tmp_path, "--held-out", "0.3", "--marginals", "race,sex", "--batch-size", "4096",
+                           "--epochs", "2", "--runs", "unconstrained,penalties,lagrangian", penalties="10")
+    summary = check_report(report, out, num_penalties=1, sensitivity=False)
+    assert summary["num_groups"] == 59 + 5 + 2  # intersections, races, sexes
+    marginal = {g["group"]: g for g in report["groups"] if "=" in g["group"]}
+    assert marginal["sex=Female"]["train_size"] + marginal["sex=Male"]["train_size"] == 30162
+    assert sum(g["train_size"] for g in report["groups"]) == 3 * 30162  # every row in three groups
+    assert summary["constraint_rows"] + summary["primal_rows"] > 30162  # small groups' rows are in both
+    # 2 epochs of ceil(rows fitted / 4096) steps: the baselines fit every row, the Lagrangian run the primal ones
+    steps = {r["formulation"]: r["total_steps"] for r in report["runs"]}
+    assert steps == {"unconstrained": 2 * 8, "quadratic": 2 * 8, "lagrangian": 2 * -(-summary["primal_rows"] // 4096)}
 
 
 def test_adult_equal_opportunity_on_fewer_groups(tmp_path):
@@ -94,7 +134,9 @@ def test_synthetic_through_the_command_line(tmp_path, capsys):
 
 
 def test_bad_options_are_rejected():
-    for argv in (["--groups", "race,height"], ["--penalties", "1,x"], ["--penalties", "-1"], ["--epochs", "0"]):
+    for argv in (["--groups", "race,height"], ["--penalties", "1,x"], ["--penalties", "-1"], ["--epochs", "0"],
+                 ["--runs", "penalties"], ["--held-out", "1"], ["--batch-size", "0"], ["--marginals", "height"],
+                 ["--constraint", "group-loss", "--held-out", "0.3"]):
         with pytest.raises(SystemExit):
             demo.parse_args(argv)
 
