@@ -121,6 +121,11 @@ def plot_groups(groups: list[dict], args: "argparse.Namespace", path: Path) -> P
                           ms=3, lw=0.7,
                           color=color, alpha=0.8, label=f"{name} ({int(mask.sum())})")
         axis.axhspan(-args.epsilon, args.epsilon, color="green", alpha=0.1, label=f"overall ± {args.epsilon:g}")
+        bounds = np.array([g["bound"] for g in rows])
+        if np.any(bounds > args.epsilon):
+            looser = bounds > args.epsilon
+            axis.scatter(np.repeat(sizes[looser], 2), np.concatenate([bounds[looser], -bounds[looser]]), marker="_",
+                         s=40, color="green", label="a small group's looser bound (--slack)")
         axis.axvline(args.large_group_rows, color="black", ls=":", lw=1,
                      label=f"{args.large_group_rows} test rows (large groups to the right)")
         axis.set_xscale("log")

@@ -61,6 +61,8 @@ def summarize(args: argparse.Namespace, problem: Problem, results: list[RunResul
         "unconstrained_small_groups": int((~keep & (sizes_train > 0)).sum()),
         "smallest_constrained_group_train": int(sizes_train[keep].min()),
         "smallest_constrained_group_test": int(sizes_test[keep].min()),
+        "groups_with_slack": int(((torch.as_tensor(problem.epsilon) > args.epsilon) & keep).sum()),
+        "bounds": problem.epsilon.tolist() if isinstance(problem.epsilon, torch.Tensor) else problem.epsilon,
         "test_groups_with_large_rows": int((keep & (sizes_test >= args.large_group_rows)).sum()),
         "primal_rows": len(problem.y_train) if problem.primal_rows is None else int(problem.primal_rows.numel()),
         "constraint_rows": len(problem.y_train) if problem.constraint_rows is None else int(
@@ -123,8 +125,10 @@ def group_table(args: argparse.Namespace, problem: Problem, results: list[RunRes
         columns[label] = _test_intervals(args, problem, run)
     rows = []
     for k in range(problem.num_groups):
+        bound = problem.epsilon[k] if isinstance(problem.epsilon, torch.Tensor) else problem.epsilon
         row = {"group": problem.group_names[k], "train_size": int(problem.sizes_train[k]),
-               "test_size": int(problem.sizes_test[k]), "constrained": bool(problem.constrained[k])}
+               "test_size": int(problem.sizes_test[k]), "constrained": bool(problem.constrained[k]),
+               "bound": float(bound)}
         for label, run in zip(columns, runs):
             row[f"{label}_rate_train"] = run.rates["train"][k]
             row[f"{label}_rate_test"] = run.rates["test"][k]
@@ -163,11 +167,14 @@ def format_report(args: argparse.Namespace, problem: Problem, results: list[RunR
     lines = [
         f"{problem.name}: {problem.num_groups} groups, {summary['constrained_groups']} constrained "
         f"(>= {args.min_group_size} rows), {summary['unconstrained_small_groups']} smaller left out; "
-        f"constraint {args.constraint}, epsilon {args.epsilon}, feasible = max violation <= {args.tolerance}",
+        f"constraint {args.constraint}, epsilon {args.epsilon}" + (
+            f" (per group max(epsilon, {args.slack:g} sqrt(r (1 - r) / n_k)): {summary['groups_with_slack']} groups "
+            "looser)" if args.slack else "") + f", feasible = max violation <= {args.tolerance}",
         f"train {len(problem.y_train):,} rows, test {len(problem.y_test):,} rows; smallest constrained group: "
         f"{summary['smallest_constrained_group_train']} train rows, {summary['smallest_constrained_group_test']} "
         f"test rows; {summary['test_groups_with_large_rows']} constrained groups have >= {args.large_group_rows} "
-        f"test rows; MLP hidden {args.hidden}, LagrangianAdam lr {args.lr}, {args.epochs} {batch}{held_out}",
+        f"test rows; MLP hidden {args.hidden}, LagrangianAdamW lr {args.lr} (weight decay {args.weight_decay:g}), "
+        f"{args.epochs} {batch}{held_out}",
         "",
     ]
     large = f"viol>={args.large_group_rows}"
@@ -249,8 +256,9 @@ def _worst_test_groups(args: argparse.Namespace, problem: Problem, results: list
         for k in torch.argsort(eligible, descending=True)[:count].tolist():
             if eligible[k] < 0:
                 break
+            bound = float(problem.epsilon[k]) if isinstance(problem.epsilon, torch.Tensor) else problem.epsilon
             lines.append(f"    {problem.group_names[k]:<44} rate {test_rates[k]:.3f} [{low[k]:.3f}, {high[k]:.3f}] "
-                         f"vs overall {overall:.3f} ± {args.epsilon:g} (n = {int(problem.sizes_test[k])} test, "
+                         f"vs overall {overall:.3f} ± {bound:.3g} (n = {int(problem.sizes_test[k])} test, "
                          f"{int(problem.sizes_train[k])} train rows){'  OUTSIDE' if outside[k] else ''}")
     return lines
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fused_lagrangian import LagrangianAdam, fairness
+from fused_lagrangian import LagrangianAdamW, fairness
 
 from .demo_problem import Problem
 
@@ -67,7 +67,7 @@ def build_model(num_features: int, hidden: int, seed: int) -> nn.Module:
 Term = Callable[..., Tensor]
 
 
-def constraint_term(args: argparse.Namespace, problem: Problem, opt: LagrangianAdam,
+def constraint_term(args: argparse.Namespace, problem: Problem, opt: LagrangianAdamW,
                     spec: RunSpec) -> tuple[Term, list]:
     """The loss term of ``spec`` for a batch (logits, labels, group ids[, held-out rows]), and its blocks."""
     options: dict = {"formulation": spec.formulation}
@@ -145,7 +145,7 @@ def train_run(args: argparse.Namespace, problem: Problem, spec: RunSpec, progres
     from tqdm import tqdm
 
     model = build_model(problem.x_train.shape[1], args.hidden, args.seed)
-    opt = LagrangianAdam(model.parameters(), lr=args.lr, backend=args.backend)
+    opt = LagrangianAdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, backend=args.backend)
     held_out = uses_held_out(args, problem, spec)
     x, y, g = problem.x_train, problem.y_train, problem.g_train
     fit_rows = problem.primal_rows if held_out else torch.arange(len(y))
@@ -266,8 +266,10 @@ def evaluate(args: argparse.Namespace, problem: Problem, model: nn.Module) -> tu
         # Rates of groups of a few rows are mostly noise on a held-out split; this view leaves them out.
         large = problem.constrained & (fairness.group_sizes(g, problem.num_groups) >= args.large_group_rows)
         metrics["large_groups"] = int(large.sum())
+        # Judged against epsilon itself, not a looser per-group bound (--slack): the groups whose test rates
+        # mean something are held to the bound the user asked for.
         metrics["max_violation_large_groups"] = fairness.fairness_metrics(
-            logits, y, g, problem.num_groups, args.constraint, problem.epsilon, large)["max_violation"]
+            logits, y, g, problem.num_groups, args.constraint, args.epsilon, large)["max_violation"]
         metrics["groups_outside_bound_by_interval"] = _groups_outside_by_interval(args, problem, logits, y, g)
         return metrics
 

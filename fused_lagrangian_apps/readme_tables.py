@@ -66,6 +66,11 @@ def replace_between_markers(text: str, name: str, table: str) -> str:
     return pattern.sub(lambda _: f"{begin}\n{table}\n{end}", text, count=1)
 
 
+def table_names(text: str) -> list[str]:
+    """The names of the demo tables in a README, in order."""
+    return re.findall(r"<!-- demo-table:([\w-]+):begin -->", text)
+
+
 def committed_table(text: str, name: str) -> str:
     begin, end = BEGIN.format(name=name), END.format(name=name)
     match = re.search(re.escape(begin) + r"\n(.*?)\n" + re.escape(end), text, re.DOTALL)

@@ -146,3 +146,74 @@ def test_report_is_strict_json_with_null_for_empty_groups(tmp_path):
     json.loads((out / "report.json").read_text(), parse_constant=lambda name: pytest.fail(f"{name} in report.json"))
     empty_in_test = [g for g in report["groups"] if g["test_size"] == 0]
     assert empty_in_test and all(g["lagrangian_rate_test"] is None for g in empty_in_test)
+
+
+def test_readme_tables_render_from_a_report(tmp_path):
+    report, _ = run_demo(tmp_path, "--epochs", "2", "--penalties", "1")
+    table = readme_tables.render(report)
+    assert table.startswith(f"`{report['command']}`")
+    assert table.count("\n| ") == 2 + len(report["runs"])  # header, rule, one row per run
+    readme = tmp_path / "README.md"
+    readme.write_text("before\n<!-- demo-table:x:begin -->\nstale\n<!-- demo-table:x:end -->\nafter\n")
+    report_path = tmp_path / "out" / "report.json"
+    assert readme_tables.main(["--readme", str(readme), "--check", f"x={report_path}"]) == 1
+    assert readme_tables.main(["--readme", str(readme), f"x={report_path}"]) == 0
+    assert readme_tables.committed_table(readme.read_text(), "x") == table
+    assert readme.read_text().startswith("before\n") and readme.read_text().endswith("after\n")
+    assert readme_tables.main(["--readme", str(readme), "--check", f"x={report_path}"]) == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Full-length runs (about a minute each on an idle 2-core machine).
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def _rerun(command: str, out: Path) -> dict:
+    argv = shlex.split(command)
+    assert argv[:2] == ["fused-lagrangian", "demo"], command
+    assert demo.main([*argv[2:], "--no-progress", "--out", str(out)]) == 0
+    return json.loads((out / "report.json").read_text())
+
+
+def test_readme_tables_match_a_fresh_run_of_their_command(tmp_path):
+    """The README's demo tables are what their commands print on this machine (see the README for which
+    machine the committed numbers come from); regenerate them with python -m fused_lagrangian_apps.readme_tables."""
+    text = README.read_text()
+    names = readme_tables.table_names(text)
+    assert names, "README.md has no demo tables"
+    for name in names:
+        committed = readme_tables.committed_table(text, name)
+        command = committed.split("`")[1]
+        report = _rerun(command, tmp_path / name)
+        assert readme_tables.render(report) == committed, f"README table {name!r} is stale"
+
+
+def _lagrangian_runs(tmp_path, *options) -> dict:
+    out = tmp_path / "out"
+    assert demo.main(["--runs", "lagrangian", "--no-progress", "--out", str(out), *options]) == 0
+    return json.loads((out / "report.json").read_text())
+
+
+def test_overlapping_marginal_and_intersectional_groups_all_hold_on_train(tmp_path):
+    """Each sex, each race and their intersections with age bins, constrained together (a row in three
+    groups): every constraint holds on train."""
+    report = _lagrangian_runs(tmp_path, "--marginals", "race,sex")
+    marginal = [g for g in report["groups"] if "=" in g["group"]]
+    assert len(marginal) == 7 and all(g["constrained"] for g in marginal)
+    run = report["runs"][0]
+    assert run["train"]["max_violation"] <= report["config"]["tolerance"]
+    overall = report["overall_rates"]["lagrangian"]["train"]
+    for group in marginal:  # the marginal groups by hand from the per-group table
+        assert abs(group["lagrangian_rate_train"] - overall) <= report["config"]["epsilon"] + 0.01
+
+
+def test_dual_lr_sensitivity_last_iterates_feasible_and_not_over_satisfied(tmp_path):
+    """Issue 12: dual_lr 0.3x, 1x and 3x the default, last iterates: train-feasible and no constraint
+    over-satisfied by more than 0.02."""
+    report = _lagrangian_runs(tmp_path, "--runs", "lagrangian,sensitivity", "--select-window", "0")
+    rows = report["summary"]["sensitivity"]
+    assert [row["dual_lr_scale"] for row in rows] == [1.0, 0.3, 3.0]
+    for row in rows:
+        assert row["last_iterate_train_max_violation"] <= 0.01, row
+        assert row["last_iterate_train_tightest_excess"] >= -0.02, row
