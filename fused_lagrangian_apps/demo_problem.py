@@ -60,9 +60,11 @@ def load_problem(args: argparse.Namespace) -> Problem:
     rows_in_constraint = fairness.group_sizes(in_constraint, problem.num_groups)
     problem.constrained = rows_in_constraint >= args.min_group_size
     problem.epsilon = args.epsilon
-    if args.slack:
-        population = problem.y_train if args.constraint == "dp" else problem.y_train[problem.y_train > 0.5]
-        problem.epsilon = fairness.size_slack(args.epsilon, rows_in_constraint, float(population.mean()), args.slack)
+    if args.slack and args.constraint in fairness.PARITY_CONSTRAINTS:  # a sampling half-width of a rate
+        # The rate whose noise sets the half-width: the base rate for positive rates; for true positive rates,
+        # unknown before training, 0.5 (the widest).
+        rate = float(problem.y_train.mean()) if args.constraint == "dp" else 0.5
+        problem.epsilon = fairness.size_slack(args.epsilon, rows_in_constraint, rate, args.slack)
     if args.held_out > 0:
         problem.primal_rows, problem.constraint_rows = fairness.split_for_constraints(
             problem.g_train, args.held_out, min_group_rows=args.held_out_min_rows, seed=args.seed)
