@@ -124,7 +124,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--hidden", type=int, default=32, help="hidden units of the MLP")
     parser.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate")
     parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW (decoupled) weight decay")
-    parser.add_argument("--dual-lr", type=float, default=1e-2, help="multiplier learning rate")
+    parser.add_argument("--dual-lr", type=float, default=3e-2, help="multiplier learning rate")
     parser.add_argument("--kp", type=float, default=10.0, help="nuPI proportional gain (0: plain ascent)")
     parser.add_argument("--select-window", type=float, default=0.2,
                         help="a constrained run returns its most accurate train-feasible iterate of this final "

@@ -82,9 +82,11 @@ def constraint_term(args: argparse.Namespace, problem: Problem, opt: LagrangianA
         helper = fairness.demographic_parity if args.constraint == "dp" else fairness.equal_opportunity
         parity = helper(opt, k, eps, constrained=keep, **options)
         # --held-out-mode both: a second pair of blocks holds every training row (primal and held out) to the
-        # bound too, so the run is train-feasible as well as feasible on rows it does not fit.
+        # bound too, so the run is train-feasible as well as feasible on rows it does not fit.  (Rows of the
+        # small groups that are not split appear on both sides and count twice in that estimate.)
+        both = uses_held_out(args, problem, spec) and args.held_out_mode == "both"
         on_all_rows = (helper(opt, k, eps, constrained=keep, name=f"{args.constraint}_all_rows", **options)
-                       if spec.formulation == "lagrangian" and args.held_out_mode == "both" else None)
+                       if both else None)
 
         def parity_term(logits: Tensor, labels: Tensor, groups: Tensor, held_out=None) -> Tensor:
             if held_out is None:
