@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402 (the backend must be chosen before
 if TYPE_CHECKING:
     import argparse
 
-    from .demo import RunResult
+    from .demo_training import RunResult
 
 
 def plot_training(results: list["RunResult"], args: "argparse.Namespace", path: Path) -> Path:
@@ -88,7 +88,7 @@ def plot_tradeoff(results: list["RunResult"], args: "argparse.Namespace", path: 
         axis.set_xscale("symlog", linthresh=1e-2)
         axis.set_xlim(0, 1.5 * max([args.tolerance] + [getattr(r, split)[key] for r in results]))
         axis.margins(y=0.1)
-        axis.set_xlabel(f"max violation over epsilon ({split})")
+        axis.set_xlabel(f"max violation over the bound ({title})")
         axis.set_ylabel(f"accuracy ({split})")
         axis.set_title(title, fontsize=10)
         axis.legend(fontsize=8)
