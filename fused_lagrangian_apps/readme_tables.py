@@ -73,10 +73,10 @@ def table_names(text: str) -> list[str]:
 
 def committed_table(text: str, name: str) -> str:
     begin, end = BEGIN.format(name=name), END.format(name=name)
-    match = re.search(re.escape(begin) + r"\n(.*?)\n" + re.escape(end), text, re.DOTALL)
+    match = re.search(re.escape(begin) + r"\n(.*?)\n?" + re.escape(end), text, re.DOTALL)
     if match is None:
         raise ValueError(f"README has no {begin} ... {end} markers")
-    return match.group(1)
+    return match.group(1).rstrip("\n")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

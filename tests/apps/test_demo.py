@@ -184,6 +184,8 @@ def test_readme_tables_match_a_fresh_run_of_their_command(tmp_path):
     assert names, "README.md has no demo tables"
     for name in names:
         committed = readme_tables.committed_table(text, name)
+        assert committed.startswith("`fused-lagrangian demo"), (
+            f"README table {name!r} is empty: run its demo and python -m fused_lagrangian_apps.readme_tables")
         command = committed.split("`")[1]
         report = _rerun(command, tmp_path / name)
         assert readme_tables.render(report) == committed, f"README table {name!r} is stale"
