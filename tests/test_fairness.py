@@ -161,3 +161,79 @@ def test_bounded_group_loss_and_per_sample_bound_steps():
     expected[rows] = (losses - 0.5).clamp(min=0)
     assert row_bound.multipliers.tolist() == pytest.approx(expected.tolist())
     assert (group_bound.spec.kind, row_bound.spec.kind) == ("grouped", "indexed")
+
+
+# --------------------------------------------------------------------------------------------------
+# Constraints that generalise (two-dataset scheme), overlapping groups, confidence intervals.
+
+def test_split_for_constraints_is_stratified_and_keeps_small_groups_whole():
+    ids = torch.tensor([0] * 10 + [1] * 3 + [2] * 40)
+    primal, held_out = fx.split_for_constraints(ids, 0.3, min_group_rows=5, seed=1)
+    sizes = lambda rows: torch.bincount(ids[rows], minlength=3).tolist()  # noqa: E731
+    assert sizes(held_out) == [3, 3, 12] and sizes(primal) == [7, 3, 28]
+    # Split groups are split (disjoint halves covering the group); the 3-row group is on both sides.
+    both = set(primal.tolist()) & set(held_out.tolist())
+    assert both == {10, 11, 12}
+    assert set(primal.tolist()) | set(held_out.tolist()) == set(range(len(ids)))
+    again = fx.split_for_constraints(ids, 0.3, min_group_rows=5, seed=1)
+    assert torch.equal(again[1], held_out)  # deterministic given the seed
+    with pytest.raises(ValueError):
+        fx.split_for_constraints(ids, 1.0)
+
+
+def test_held_out_rows_move_the_multipliers_and_the_primal_rows_the_gradient():
+    opt, parity = _parity_setup(fx.demographic_parity)
+    primal_logits = torch.tensor([0.5, -1.0, 2.0, 0.0, -0.3, 1.2], requires_grad=True)
+    # Held-out rows: group 0 all positive, group 1 all negative (overall 1/2): gaps +1/2, -1/2.
+    held_logits = torch.tensor([3.0, 3.0, -3.0, -3.0])
+    held_groups = torch.tensor([0, 0, 1, 1])
+    term = parity(primal_logits, GROUPS, held_out_logits=held_logits, held_out_group_ids=held_groups)
+    term.backward()
+    assert primal_logits.grad is not None  # the term is built from the primal rows
+    opt.step()
+    assert parity.upper.multipliers.tolist() == pytest.approx([0.5 * (0.5 - 0.1), 0.0, 0.0, 0.0])
+    assert parity.lower.multipliers.tolist() == pytest.approx([0.0, 0.5 * (0.5 - 0.1), 0.0, 0.0])
+    # Group 3 has primal rows only: its multipliers do not move.
+    parity(primal_logits.detach(), GROUPS)
+    with pytest.raises(ValueError, match="only call"):
+        parity(primal_logits.detach(), GROUPS, held_out_logits=held_logits, held_out_group_ids=held_groups)
+
+
+def test_per_group_epsilon():
+    weight = torch.nn.Parameter(torch.zeros(()))
+    opt = LagrangianSGD([weight], lr=0.0)
+    parity = fx.demographic_parity(opt, NUM_GROUPS, torch.tensor([0.1, 0.1, 0.1, 0.6]), dual_lr=0.5)
+    parity(torch.tensor([2.0, -1.0, 0.5, 3.0, -0.1, -2.0]), GROUPS)  # group 3: gap -1/2, within 0.6
+    opt.step()
+    assert parity.lower.multipliers[3].item() == 0.0
+    assert parity.upper.multipliers[0].item() == pytest.approx(0.5 * (2 / 3 - 1 / 2 - 0.1))
+    with pytest.raises(ValueError, match="per-group epsilon"):
+        fx.demographic_parity(opt, NUM_GROUPS, torch.tensor([0.1, 0.1]), name="bad")
+
+
+def test_overlapping_groups_metrics_and_parity_step():
+    # Rows in an intersectional group (0..2) and a marginal group (3 or 4); row 5 has no marginal group.
+    memberships = torch.tensor([[0, 3], [0, 3], [1, 3], [1, 4], [2, 4], [2, -1]])
+    predictions = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0])  # overall 1/2, over rows
+    rates = fx.group_rates(predictions, memberships, 5)
+    assert rates.tolist() == pytest.approx([1.0, 0.5, 0.0, 2 / 3, 0.5])
+    assert fx.group_sizes(memberships, 5).tolist() == [2, 2, 2, 3, 2]
+    assert fx.dp_gap(predictions, memberships, 5) == pytest.approx(0.5)
+    weight = torch.nn.Parameter(torch.zeros(()))
+    opt = LagrangianSGD([weight], lr=0.0)
+    parity = fx.demographic_parity(opt, 5, 0.1, dual_lr=1.0, constrained=torch.tensor([True, True, True, True, False]))
+    parity((predictions * 2 - 1) * 3, memberships)
+    opt.step()
+    assert parity.upper.multipliers.tolist() == pytest.approx([0.4, 0.0, 0.0, 2 / 3 - 0.5 - 0.1, 0.0])
+    assert parity.lower.multipliers.tolist() == pytest.approx([0.0, 0.0, 0.4, 0.0, 0.0])
+
+
+def test_wilson_interval_closed_forms():
+    low, high = fx.wilson_interval(torch.tensor([0.0, 5.0, 50.0]), torch.tensor([4, 10, 100]))
+    # 0 of 4: [0, z^2 / (n + z^2)]; 5 of 10 and 50 of 100: symmetric around 1/2.
+    z2 = 1.959964 ** 2
+    assert low[0].item() == 0.0 and high[0].item() == pytest.approx(z2 / (4 + z2))
+    assert low[1].item() == pytest.approx(0.2366, abs=1e-4) and high[1].item() == pytest.approx(0.7634, abs=1e-4)
+    assert low[2].item() == pytest.approx(0.4038, abs=1e-4) and high[2].item() == pytest.approx(0.5962, abs=1e-4)
+    excluded = fx.parity_excluded(torch.tensor([0.30, 0.20, math.nan]), torch.tensor([0.40, 0.40, math.nan]), 0.2, 0.05)
+    assert excluded.tolist() == [True, False, False]

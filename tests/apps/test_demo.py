@@ -1,12 +1,15 @@
 """Tiny versions of every path of ``fused-lagrangian demo``: report.json's fields agree with each other and
-with the data, and the plots are real PNG images."""
+with the data, and the plots are real PNG images.  Then full-length runs: the Lagrangian run's sensitivity
+to dual_lr, overlapping groups, and the README's tables against a fresh run of the default demo."""
 
 import json
+import shlex
+from pathlib import Path
 
 import matplotlib.image
 import pytest
 
-from fused_lagrangian_apps import cli, demo
+from fused_lagrangian_apps import cli, demo, readme_tables
 
 METRICS = ("accuracy", "positive_rate", "dp_gap", "eo_gap", "max_violation", "groups_violated",
            "worst_group_error", "smallest_group_size", "feasible")
@@ -21,10 +24,12 @@ def run_demo(tmp_path, *options, penalties="1,100", capsys=None):
     return json.loads((out / "report.json").read_text()), out
 
 
-def check_report(report, out, num_penalties, min_group_size=10):
+def check_report(report, out, num_penalties, min_group_size=10, sensitivity=True):
     runs = report["runs"]
-    assert runs[0]["label"] == "unconstrained" and runs[-1]["label"] == "lagrangian"
-    assert len(runs) == num_penalties + 2
+    lagrangian_runs = [r for r in runs if r["formulation"] == "lagrangian"]
+    assert runs[0]["label"] == "unconstrained" and lagrangian_runs[0]["label"] == "lagrangian"
+    assert [r["dual_lr_scale"] for r in lagrangian_runs] == ([1.0, 0.3, 3.0] if sensitivity else [1.0])
+    assert len(runs) == num_penalties + 1 + len(lagrangian_runs)
     for run in runs:
         for split in ("train", "test"):
             assert set(METRICS) <= set(run[split])
@@ -43,20 +48,40 @@ def check_report(report, out, num_penalties, min_group_size=10):
     assert all(g["constrained"] == (g["train_size"] >= min_group_size) for g in groups
                if report["config"]["constraint"] != "eo")
     assert summary["smallest_constrained_group_train"] == min(g["train_size"] for g in constrained)
-    lagrangian = runs[-1]["train"]
+    lagrangian = lagrangian_runs[0]["train"]
     assert summary["lagrangian"]["accuracy"] == lagrangian["accuracy"]
+    assert len(summary["sensitivity"]) == len(lagrangian_runs)
+    assert summary["lagrangian"]["test_max_violation_large_groups"] == lagrangian_runs[0]["test"][
+        "max_violation_large_groups"]
+    assert report["command"].startswith("fused-lagrangian demo") and "--out" not in report["command"]
     feasible_accuracies = [r["train"]["accuracy"] for r in sweep if r["train"]["feasible"]]
     best = summary["best_feasible_penalty"]
     assert (best["accuracy"] if best else None) == max(feasible_accuracies, default=None)
     assert summary["least_violating_penalty"]["max_violation"] == min(r["train"]["max_violation"] for r in sweep)
     gap = summary["accuracy_gap_to_best_feasible_penalty"]
     assert summary["criterion_met"] == (lagrangian["feasible"] and (gap is None or gap <= 0.02))
-    for name in ("training", "tradeoff"):
+    if report["config"]["constraint"] == "dp":
+        check_intervals(report)
+    for name in report["plots"]:
         path = out / f"{name}.png"
         assert path.read_bytes()[:8] == PNG_SIGNATURE
         height, width, _ = matplotlib.image.imread(path).shape
         assert height > 100 and width > 100
     return summary
+
+
+def check_intervals(report):
+    """Every group with test rows has a Wilson interval around its rate; the count of intervals outside the
+    bound in the runs' test metrics is the one of the groups table."""
+    for group in report["groups"]:
+        if group["test_size"] == 0:
+            continue
+        low, high = group["lagrangian_rate_test_interval"]
+        assert 0.0 <= low <= group["lagrangian_rate_test"] + 1e-12 <= high + 2e-12 <= 1.0 + 2e-12
+        if group["test_size"] <= 10:  # a few rows cannot pin a rate down: the interval says so
+            assert high - low > 0.25
+    outside = sum(g["lagrangian_test_interval_outside_bound"] for g in report["groups"] if g["test_size"])
+    assert report["summary"]["lagrangian"]["test_groups_outside_bound_by_interval"] == outside
 
 
 def test_adult_demographic_parity(tmp_path, capsys):
@@ -67,6 +92,21 @@ def test_adult_demographic_parity(tmp_path, capsys):
     assert sum(g["test_size"] for g in report["groups"]) == 15060
     printed = capsys.readouterr().out
     assert "penalty sweep (2 runs)" in printed and "criterion" in printed and "report.json" in printed
+    assert "#CI out" in printed and "groups with >= 100 test rows:" in printed
+
+
+def test_two_dataset_scheme_overlapping_groups_and_minibatches(tmp_path):
+    report, out = run_demo(tmp_path, "--held-out", "0.3", "--marginals", "race,sex", "--batch-size", "4096",
+                           "--epochs", "2", "--runs", "unconstrained,penalties,lagrangian", penalties="10")
+    summary = check_report(report, out, num_penalties=1, sensitivity=False)
+    assert summary["num_groups"] == 59 + 5 + 2  # intersections, races, sexes
+    marginal = {g["group"]: g for g in report["groups"] if g["group"].startswith(("race=", "sex="))}
+    assert marginal["sex=Female"]["train_size"] + marginal["sex=Male"]["train_size"] == 30162
+    assert sum(g["train_size"] for g in report["groups"]) == 3 * 30162  # every row in three groups
+    assert summary["constraint_rows"] + summary["primal_rows"] > 30162  # small groups' rows are in both
+    # 2 epochs of ceil(rows fitted / 4096) steps: the baselines fit every row, the Lagrangian run the primal ones
+    steps = {r["formulation"]: r["total_steps"] for r in report["runs"]}
+    assert steps == {"unconstrained": 2 * 8, "quadratic": 2 * 8, "lagrangian": 2 * -(-summary["primal_rows"] // 4096)}
 
 
 def test_adult_equal_opportunity_on_fewer_groups(tmp_path):
@@ -94,7 +134,9 @@ def test_synthetic_through_the_command_line(tmp_path, capsys):
 
 
 def test_bad_options_are_rejected():
-    for argv in (["--groups", "race,height"], ["--penalties", "1,x"], ["--penalties", "-1"], ["--epochs", "0"]):
+    for argv in (["--groups", "race,height"], ["--penalties", "1,x"], ["--penalties", "-1"], ["--epochs", "0"],
+                 ["--runs", "penalties"], ["--held-out", "1"], ["--batch-size", "0"], ["--marginals", "height"],
+                 ["--constraint", "group-loss", "--held-out", "0.3"]):
         with pytest.raises(SystemExit):
             demo.parse_args(argv)
 
@@ -104,3 +146,76 @@ def test_report_is_strict_json_with_null_for_empty_groups(tmp_path):
     json.loads((out / "report.json").read_text(), parse_constant=lambda name: pytest.fail(f"{name} in report.json"))
     empty_in_test = [g for g in report["groups"] if g["test_size"] == 0]
     assert empty_in_test and all(g["lagrangian_rate_test"] is None for g in empty_in_test)
+
+
+def test_readme_tables_render_from_a_report(tmp_path):
+    report, _ = run_demo(tmp_path, "--epochs", "2", "--penalties", "1")
+    table = readme_tables.render(report)
+    assert table.startswith(f"`{report['command']}`")
+    assert table.count("\n| ") == 2 + len(report["runs"])  # header, rule, one row per run
+    readme = tmp_path / "README.md"
+    readme.write_text("before\n<!-- demo-table:x:begin -->\nstale\n<!-- demo-table:x:end -->\nafter\n")
+    report_path = tmp_path / "out" / "report.json"
+    assert readme_tables.main(["--readme", str(readme), "--check", f"x={report_path}"]) == 1
+    assert readme_tables.main(["--readme", str(readme), f"x={report_path}"]) == 0
+    assert readme_tables.committed_table(readme.read_text(), "x") == table
+    assert readme.read_text().startswith("before\n") and readme.read_text().endswith("after\n")
+    assert readme_tables.main(["--readme", str(readme), "--check", f"x={report_path}"]) == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Full-length runs (about a minute each on an idle 2-core machine).
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def _rerun(command: str, out: Path) -> dict:
+    argv = shlex.split(command)
+    assert argv[:2] == ["fused-lagrangian", "demo"], command
+    assert demo.main([*argv[2:], "--no-progress", "--out", str(out)]) == 0
+    return json.loads((out / "report.json").read_text())
+
+
+def test_readme_tables_match_a_fresh_run_of_their_command(tmp_path):
+    """The README's demo tables are what their commands print on this machine (see the README for which
+    machine the committed numbers come from); regenerate them with python -m fused_lagrangian_apps.readme_tables."""
+    text = README.read_text()
+    names = readme_tables.table_names(text)
+    assert names, "README.md has no demo tables"
+    for name in names:
+        committed = readme_tables.committed_table(text, name)
+        assert committed.startswith("`fused-lagrangian demo"), (
+            f"README table {name!r} is empty: run its demo and python -m fused_lagrangian_apps.readme_tables")
+        command = committed.split("`")[1]
+        report = _rerun(command, tmp_path / name)
+        assert readme_tables.render(report) == committed, f"README table {name!r} is stale"
+
+
+def _lagrangian_runs(tmp_path, *options) -> dict:
+    out = tmp_path / "out"
+    assert demo.main(["--runs", "lagrangian", "--no-progress", "--out", str(out), *options]) == 0
+    return json.loads((out / "report.json").read_text())
+
+
+def test_overlapping_marginal_and_intersectional_groups_all_hold_on_train(tmp_path):
+    """Each sex, each race and their intersections with age bins, constrained together (a row in three
+    groups): every constraint holds on train."""
+    report = _lagrangian_runs(tmp_path, "--marginals", "race,sex")
+    marginal = [g for g in report["groups"] if g["group"].startswith(("race=", "sex="))]
+    assert len(marginal) == 7 and all(g["constrained"] for g in marginal)
+    run = report["runs"][0]
+    assert run["train"]["max_violation"] <= report["config"]["tolerance"]
+    overall = report["overall_rates"]["lagrangian"]["train"]
+    for group in marginal:  # the marginal groups by hand from the per-group table
+        assert abs(group["lagrangian_rate_train"] - overall) <= report["config"]["epsilon"] + 0.01
+
+
+def test_dual_lr_sensitivity_last_iterates_feasible_and_not_over_satisfied(tmp_path):
+    """Issue 12: dual_lr 0.3x, 1x and 3x the default, last iterates: train-feasible and no constraint
+    over-satisfied by more than 0.02."""
+    report = _lagrangian_runs(tmp_path, "--runs", "lagrangian,sensitivity", "--select-window", "0")
+    rows = report["summary"]["sensitivity"]
+    assert [row["dual_lr_scale"] for row in rows] == [1.0, 0.3, 3.0]
+    for row in rows:
+        assert row["last_iterate_train_max_violation"] <= 0.01, row
+        assert row["last_iterate_train_tightest_excess"] >= -0.02, row

@@ -1,0 +1,316 @@
+"""One training run of the demo: the model, its loss terms, the loop (full batch or minibatches) and the
+choice of the iterate it returns."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import math
+import time
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fused_lagrangian import LagrangianAdamW, fairness
+
+from .demo_problem import Problem
+
+
+@dataclasses.dataclass
+class RunSpec:
+    label: str
+    formulation: Optional[str]  # None: unconstrained
+    penalty: float = 0.0
+    dual_lr_scale: float = 1.0  # the sensitivity runs: the same Lagrangian run with dual_lr times this
+
+
+@dataclasses.dataclass
+class RunResult:
+    spec: RunSpec
+    selected_step: int
+    total_steps: int
+    train: dict
+    test: dict
+    last_train: dict
+    last_test: dict
+    wall_s: float
+    history: dict
+    rates: dict  # per group hard positive rates of the selected model, train and test
+    best_feasible_anywhere: Optional[dict]  # the most accurate train-feasible iterate of the whole run
+    max_violation_second_half: float  # the largest train max violation evaluated after half of the steps
+
+    def to_json(self) -> dict:
+        return {
+            "label": self.spec.label,
+            "formulation": self.spec.formulation or "unconstrained",
+            "penalty": self.spec.penalty if self.spec.formulation in ("quadratic", "penalty") else None,
+            "dual_lr_scale": self.spec.dual_lr_scale if self.spec.formulation == "lagrangian" else None,
+            "selected_step": self.selected_step,
+            "total_steps": self.total_steps,
+            "train": self.train,
+            "test": self.test,
+            "last_iterate": {"train": self.last_train, "test": self.last_test},
+            "best_feasible_iterate_anywhere": self.best_feasible_anywhere,
+            "train_max_violation_after_half_of_the_steps": self.max_violation_second_half,
+            "wall_s": self.wall_s,
+        }
+
+
+def build_model(num_features: int, hidden: int, seed: int) -> nn.Module:
+    torch.manual_seed(seed)  # every run starts from the same weights: only the formulation differs
+    return nn.Sequential(nn.Linear(num_features, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+
+Term = Callable[..., Tensor]
+
+
+def constraint_term(args: argparse.Namespace, problem: Problem, opt: LagrangianAdamW,
+                    spec: RunSpec) -> tuple[Term, list]:
+    """The loss term of ``spec`` for a batch (logits, labels, group ids[, held-out rows]), and its blocks."""
+    options: dict = {"formulation": spec.formulation}
+    if spec.formulation == "lagrangian":
+        options.update(dual_lr=args.dual_lr * spec.dual_lr_scale)
+        if args.kp:
+            options.update(dual_rule="nupi", kp=args.kp, ki=1.0)
+    else:
+        options.update(dual_lr=0.0, penalty=spec.penalty)
+    k, eps, keep = problem.num_groups, problem.epsilon, problem.constrained
+    if args.constraint in fairness.PARITY_CONSTRAINTS:
+        helper = fairness.demographic_parity if args.constraint == "dp" else fairness.equal_opportunity
+        parity = helper(opt, k, eps, constrained=keep, **options)
+        # --held-out-mode both: a second pair of blocks holds every training row (primal and held out) to the
+        # bound too, so the run is train-feasible as well as feasible on rows it does not fit.  (Rows of the
+        # small groups that are not split appear on both sides and count twice in that estimate.)
+        both = uses_held_out(args, problem, spec) and args.held_out_mode == "both"
+        on_all_rows = (helper(opt, k, eps, constrained=keep, name=f"{args.constraint}_all_rows", **options)
+                       if both else None)
+
+        def parity_term(logits: Tensor, labels: Tensor, groups: Tensor, held_out=None) -> Tensor:
+            if held_out is None:
+                return parity(logits, groups, labels)
+            held_logits, held_labels, held_groups = held_out
+            term = parity(logits, groups, labels, held_out_logits=held_logits, held_out_group_ids=held_groups,
+                          held_out_labels=held_labels)
+            if on_all_rows is not None:
+                term = term + on_all_rows(
+                    logits, groups, labels, held_out_logits=torch.cat([logits.detach(), held_logits.detach()]),
+                    held_out_group_ids=torch.cat([groups, held_groups]),
+                    held_out_labels=torch.cat([labels, held_labels]))
+            return term
+
+        blocks = list(parity.blocks) + ([] if on_all_rows is None else list(on_all_rows.blocks))
+        return parity_term, blocks
+    block = fairness.bounded_group_loss(opt, k, eps, **options)
+
+    def group_loss(logits: Tensor, labels: Tensor, groups: Tensor, held_out=None) -> Tensor:
+        losses = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+        rows = keep[groups]
+        return block(losses[rows], ids=groups[rows])
+
+    return group_loss, [block]
+
+
+def uses_held_out(args: argparse.Namespace, problem: Problem, spec: RunSpec) -> bool:
+    """Only multipliers can be driven by held-out rows: the Lagrangian runs use them, the baselines fit all rows."""
+    return problem.constraint_rows is not None and spec.formulation == "lagrangian"
+
+
+def steps_per_epoch(args: argparse.Namespace, num_rows: int) -> int:
+    return 1 if args.batch_size is None else math.ceil(num_rows / args.batch_size)
+
+
+class _Batches:
+    """Row indices of each step: a fresh permutation per epoch of the rows the loss fits, and a batch of the
+    held-out rows of proportional size (the two-dataset scheme) cycling the same way."""
+
+    def __init__(self, fit_rows: Tensor, held_out_rows: Optional[Tensor], batch_size: int, seed: int) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+        self.fit = self._cycle(fit_rows, batch_size)
+        self.held_out = None
+        if held_out_rows is not None:
+            held_batch = max(1, round(batch_size * held_out_rows.numel() / fit_rows.numel()))
+            self.held_out = self._cycle(held_out_rows, held_batch)
+
+    def _cycle(self, rows: Tensor, size: int) -> Iterator[Tensor]:
+        while True:
+            order = rows[torch.randperm(rows.numel(), generator=self.generator)]
+            yield from order.split(size)
+
+    def next(self) -> tuple[Tensor, Optional[Tensor]]:
+        return next(self.fit), None if self.held_out is None else next(self.held_out)
+
+
+def train_run(args: argparse.Namespace, problem: Problem, spec: RunSpec, progress: bool) -> RunResult:
+    from tqdm import tqdm
+
+    model = build_model(problem.x_train.shape[1], args.hidden, args.seed)
+    opt = LagrangianAdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, backend=args.backend)
+    held_out = uses_held_out(args, problem, spec)
+    x, y, g = problem.x_train, problem.y_train, problem.g_train
+    fit_rows = problem.primal_rows if held_out else torch.arange(len(y))
+    per_epoch = steps_per_epoch(args, fit_rows.numel())
+    total_steps = args.epochs * per_epoch
+    schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, total_steps, eta_min=args.lr * args.final_lr_fraction)
+                if args.lr_schedule == "cosine" else None)
+    term, blocks = (None, []) if spec.formulation is None else constraint_term(args, problem, opt, spec)
+    selection = _Selection(args, problem, model, total_steps, enabled=term is not None)
+    batches = (None if args.batch_size is None else
+               _Batches(fit_rows, problem.constraint_rows if held_out else None, args.batch_size, args.seed))
+    history: dict = {"step": [], "accuracy": [], "max_violation": [], "multipliers": []}
+
+    def record(step: int, logits: Tensor) -> None:
+        accuracy, violation = selection.consider(step, logits)
+        if step % args.record_every == 0 or batches is not None:
+            history["step"].append(step)
+            history["accuracy"].append(accuracy)
+            history["max_violation"].append(violation)
+            history["multipliers"].append([b.multipliers[problem.constrained].tolist() for b in blocks])
+
+    start = time.perf_counter()
+    for step in tqdm(range(total_steps), desc=f"{spec.label:>16}", disable=not progress, leave=False):
+        if batches is None:  # full batch: this step's forward over every training row also judges the iterate
+            logits_all = model(x).squeeze(1)
+            record(step, logits_all.detach())
+            rows, held_rows = (problem.primal_rows, problem.constraint_rows) if held_out else (None, None)
+            logits = logits_all if rows is None else logits_all[rows]
+            held_logits = None if held_rows is None else logits_all[held_rows]
+        else:
+            if step % per_epoch == 0:
+                with torch.no_grad():
+                    record(step, model(x).squeeze(1))
+            rows, held_rows = batches.next()
+            logits = model(x[rows]).squeeze(1)
+            held_logits = None
+            if held_rows is not None:
+                with torch.no_grad():
+                    held_logits = model(x[held_rows]).squeeze(1)
+        labels, groups = (y, g) if rows is None else (y[rows], g[rows])
+        loss = F.binary_cross_entropy_with_logits(logits, labels)
+        if term is not None:
+            held = None if held_rows is None else (held_logits, y[held_rows], g[held_rows])
+            loss = loss + term(logits, labels, groups, held)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if schedule is not None:
+            schedule.step()
+    with torch.no_grad():
+        record(total_steps, model(x).squeeze(1))
+    wall = time.perf_counter() - start
+    last_train, last_test = evaluate(args, problem, model)
+    selected_step = selection.restore_best()
+    train, test = evaluate(args, problem, model) if selected_step != total_steps else (last_train, last_test)
+    return RunResult(spec, selected_step, total_steps, train, test, last_train, last_test, wall, history,
+                     _rates(problem, model), selection.anywhere, selection.max_violation_second_half)
+
+
+class _Selection:
+    """Keeps the most accurate train-feasible iterate of the final window of a constrained run.
+
+    Each evaluation (every full-batch step, whose forward already holds the hard train predictions; once per
+    epoch with minibatches) judges the current parameters on the whole training split.  Only the last
+    ``select_window`` of the steps qualify: early iterates (the initial model predicts almost nobody
+    positive, which is trivially feasible) would otherwise win for every run.
+    """
+
+    def __init__(self, args: argparse.Namespace, problem: Problem, model: nn.Module, total_steps: int,
+                 enabled: bool) -> None:
+        self.args, self.problem, self.model = args, problem, model
+        self.enabled = enabled and args.select_window > 0
+        self.total_steps = total_steps
+        self.first_step = total_steps - math.floor(args.select_window * total_steps)
+        self.best_accuracy, self.best_step, self.best_state = -math.inf, total_steps, None
+        # For the report only: the most accurate feasible iterate of the whole run, early ones included.
+        self.anywhere: Optional[dict] = None
+        self.max_violation_second_half = 0.0
+
+    def consider(self, step: int, logits: Tensor) -> tuple[float, float]:
+        accuracy, violation = _train_score(self.args, self.problem, logits)
+        if 2 * step >= self.total_steps:
+            self.max_violation_second_half = max(self.max_violation_second_half, violation)
+        if not self.enabled or violation > self.args.tolerance:
+            return accuracy, violation
+        if self.anywhere is None or accuracy > self.anywhere["accuracy"]:
+            self.anywhere = {"step": step, "accuracy": accuracy, "max_violation": violation}
+        if step >= self.first_step and accuracy > self.best_accuracy:
+            self.best_accuracy, self.best_step = accuracy, step
+            self.best_state = copy.deepcopy(self.model.state_dict())
+        return accuracy, violation
+
+    def restore_best(self) -> int:
+        """Loads the selected iterate into the model; returns its step (``total_steps``: the last iterate)."""
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+        return self.best_step
+
+
+def _train_score(args: argparse.Namespace, problem: Problem, logits: Tensor) -> tuple[float, float]:
+    predictions = (logits > 0).float()
+    losses = (F.binary_cross_entropy_with_logits(logits, problem.y_train, reduction="none")
+              if args.constraint == "group-loss" else None)
+    excess = fairness.constraint_excess(args.constraint, predictions, problem.y_train, losses, problem.g_train,
+                                        problem.num_groups, problem.epsilon)
+    accuracy = float((predictions == problem.y_train).float().mean())
+    return accuracy, fairness.max_violation(excess, problem.constrained)
+
+
+@torch.no_grad()
+def evaluate(args: argparse.Namespace, problem: Problem, model: nn.Module) -> tuple[dict, dict]:
+    def split(x: Tensor, y: Tensor, g: Tensor) -> dict:
+        logits = model(x).squeeze(1)
+        metrics = fairness.fairness_metrics(logits, y, g, problem.num_groups, args.constraint, problem.epsilon,
+                                            problem.constrained)
+        metrics["feasible"] = metrics["max_violation"] <= args.tolerance
+        metrics["tightest_excess"] = _tightest_excess(args, problem, logits, y, g)
+        # Rates of groups of a few rows are mostly noise on a held-out split; this view leaves them out.
+        large = problem.constrained & (fairness.group_sizes(g, problem.num_groups) >= args.large_group_rows)
+        metrics["large_groups"] = int(large.sum())
+        # Judged against epsilon itself, not a looser per-group bound (--slack): the groups whose test rates
+        # mean something are held to the bound the user asked for.
+        metrics["max_violation_large_groups"] = fairness.fairness_metrics(
+            logits, y, g, problem.num_groups, args.constraint, args.epsilon, large)["max_violation"]
+        metrics["groups_outside_bound_by_interval"] = _groups_outside_by_interval(args, problem, logits, y, g)
+        return metrics
+
+    return (split(problem.x_train, problem.y_train, problem.g_train),
+            split(problem.x_test, problem.y_test, problem.g_test))
+
+
+def _tightest_excess(args: argparse.Namespace, problem: Problem, logits: Tensor, y: Tensor, g: Tensor) -> float:
+    """max_k (measure_k - epsilon) over constrained groups, signed: below 0 the tightest constraint holds with
+    that much room (how far the model over-satisfies the constraints)."""
+    predictions = (logits > 0).float()
+    losses = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
+    excess = fairness.constraint_excess(args.constraint, predictions, y, losses, g, problem.num_groups, problem.epsilon)
+    excess = excess[problem.constrained]
+    excess = excess[~torch.isnan(excess)]
+    return float(excess.max()) if excess.numel() else math.nan
+
+
+def _groups_outside_by_interval(args: argparse.Namespace, problem: Problem, logits: Tensor, y: Tensor,
+                                g: Tensor) -> Optional[int]:
+    """Constrained groups whose 95% Wilson interval of the rate lies outside overall ± epsilon (parity only)."""
+    if args.constraint not in fairness.PARITY_CONSTRAINTS:
+        return None
+    predictions = (logits > 0).float()
+    if args.constraint == "eo":
+        positive = y > 0.5
+        predictions, g = predictions[positive], g[positive]
+    _, low, high, _ = fairness.rate_intervals(predictions, g, problem.num_groups)
+    outside = fairness.parity_excluded(low, high, float(predictions.mean()), problem.epsilon)
+    return int((outside & problem.constrained).sum())
+
+
+@torch.no_grad()
+def _rates(problem: Problem, model: nn.Module) -> dict:
+    predictions = {split: (model(x).squeeze(1) > 0).float() for split, x in (("train", problem.x_train),
+                                                                             ("test", problem.x_test))}
+    groups = {"train": problem.g_train, "test": problem.g_test}
+    rates = {split: fairness.group_rates(p, groups[split], problem.num_groups).tolist()
+             for split, p in predictions.items()}
+    # The overall rate is over rows (with overlapping groups, not over memberships).
+    rates.update({f"overall_{split}": float(p.mean()) for split, p in predictions.items()})
+    return rates
