@@ -89,6 +89,7 @@ class BlockContext:
     reduction: Callable[[], Reduction]  # for calls that record (grad enabled, or observe)
     deferred_checks: Callable[[torch.device], bool]  # validation.is_deferred with the owner's mode
     uses_triton: Callable[[torch.device], bool]  # the resolved backend's choice for the term op
+    native_forward: Callable[[torch.device], bool]  # the resolved backend has the fused grouped forward op
     recorded: Callable[[object, "Recording"], None]  # after a block recorded a call (dual-first steps here)
 
 
@@ -223,6 +224,32 @@ class Formulation:
         # Recorded ids must not alias the caller's buffer: reusing it before step() must not redirect the update.
         owned_ids = entry_ids.clone() if entry_ids is ids else entry_ids
         return Measured(Recording(owned_ids, recorded, code), primal, violations, entry_ids)
+
+    def uses_fused_forward(self) -> bool:
+        """Whether ``fused_forward`` computes this block's calls (when the backend has the op, one process)."""
+        return self.formulation == "lagrangian" and self.kind == "grouped"
+
+    def fused_forward(self, values: Tensor, ids: Optional[Tensor], dual_values: Optional[Tensor], multipliers: Tensor,
+                      deferred: bool) -> Optional[tuple[Recording, Tensor]]:
+        """``measure`` then ``term`` of a grouped Lagrangian call in one process, as one native op.
+
+        The same semantics as the torch path (tests/test_fused_forward.py holds it to it), at O(batch)
+        whatever K: groups come from a hash table sized by the batch instead of a sort.  The term uses
+        the multipliers as they are at the call (blocks that update them in the call use the torch path).
+        """
+        _, given_ids, lowest_id = self.entries(values, ids, dual_values)
+        bounds = self.bound if isinstance(self.bound, Tensor) else None
+        term, _, entry_ids, recorded, code = torch.ops.fused_lagrangian.grouped_lagrangian_forward(
+            values, given_ids, None if dual_values is None else dual_values.detach(), multipliers, bounds,
+            0.0 if bounds is not None else self.bound, self.sign, self.to_overall)
+        if not deferred:
+            verdict = int(code)
+            if verdict:
+                if verdict == ERROR_NONFINITE and self.skip_nonfinite:
+                    return None
+                raise_for_code(self.name, self.kind, verdict, self.num_constraints, given_ids)
+            code = None
+        return Recording(entry_ids, recorded, code), term
 
     def _agree(self, reduction: Reduction, code: Optional[Tensor] = None,
                error: Optional[ConstraintInputError] = None) -> bool:

@@ -1,0 +1,186 @@
+// CPU kernel of grouped_lagrangian_forward: a grouped Lagrangian block call in one O(batch) pass.
+//
+// The Python torch path (fused_lagrangian/formulation.py) is the specification: per-entry signed
+// violations e = s * (v - [mean v] - b_k), weights 1 / n_k with n_k the entries of group k in the
+// batch, the term sum_e w_e lambda_k e, the fp32 dual violations and the ERROR_* code of
+// validation.py.  Groups are found through a hash table sized by the batch, never by the number of
+// constraints: at K >> batch the torch path's sort is what this op saves.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+#include <vector>
+
+namespace fused_lagrangian {
+namespace {
+
+constexpr int32_t kErrorIdsOutOfRange = 1;  // validation.ERROR_IDS_OUT_OF_RANGE
+constexpr int32_t kErrorNonfinite = 2;      // validation.ERROR_NONFINITE
+
+// Group id -> dense slot, open addressing; capacity a power of two at least twice the entries.
+class GroupSlots {
+ public:
+  void reset(int64_t num_entries) {
+    uint64_t capacity = 16;
+    while (capacity < 2 * static_cast<uint64_t>(num_entries)) capacity <<= 1;
+    table_.assign(capacity, -1);
+    ids_.clear();
+    mask_ = capacity - 1;
+  }
+  int64_t slot_of(int64_t id) {
+    uint64_t h = (static_cast<uint64_t>(id) * 0x9E3779B97F4A7C15ull) >> 17 & mask_;
+    int64_t slot;
+    while ((slot = table_[h]) >= 0 && ids_[slot] != id) h = (h + 1) & mask_;
+    if (slot < 0) {
+      slot = static_cast<int64_t>(ids_.size());
+      ids_.push_back(id);
+      table_[h] = slot;
+    }
+    return slot;
+  }
+  int64_t size() const { return static_cast<int64_t>(ids_.size()); }
+
+ private:
+  std::vector<int64_t> table_;
+  std::vector<int64_t> ids_;
+  uint64_t mask_ = 0;
+};
+
+template <typename T>
+T signed_violation(T value, T overall, T bound, double sign) {
+  const T centred = value - overall;  // the torch path subtracts the mean first, then the bound
+  return sign < 0 ? bound - centred : centred - bound;
+}
+
+template <typename T, typename Id>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_typed(
+    const at::Tensor& values, const at::Tensor& ids, const c10::optional<at::Tensor>& dual_values,
+    const at::Tensor& multipliers, const c10::optional<at::Tensor>& bounds, double bound, double sign,
+    bool to_overall) {
+  const int64_t num_samples = values.numel();
+  const int64_t num_constraints = multipliers.numel();
+  const int64_t per_sample = ids.dim() == 2 ? ids.size(1) : 1;
+  const bool multiple = ids.dim() == 2;
+  const T* v = values.data_ptr<T>();
+  const T* dual = dual_values ? dual_values->data_ptr<T>() : nullptr;
+  const Id* raw_ids = ids.data_ptr<Id>();
+  const float* lambda = multipliers.data_ptr<float>();
+  const float* bound_of = bounds ? bounds->data_ptr<float>() : nullptr;
+
+  int32_t error = 0;
+  // Entries: one per (sample, group) membership, in row order; ids are clamped into range (the error
+  // code says whether they were), and (B, M) padding (-1) makes no entry.
+  const int64_t lowest = multiple ? -1 : 0;
+  std::vector<int64_t> entry_group, entry_sample;
+  entry_group.reserve(num_samples * per_sample);
+  if (multiple) entry_sample.reserve(num_samples * per_sample);
+  for (int64_t i = 0; i < num_samples * per_sample; ++i) {
+    int64_t id = static_cast<int64_t>(raw_ids[i]);
+    if (id < lowest || id >= num_constraints) {
+      error |= kErrorIdsOutOfRange;
+      id = id < lowest ? lowest : num_constraints - 1;
+    }
+    if (id < 0) continue;
+    entry_group.push_back(id);
+    if (multiple) entry_sample.push_back(i / per_sample);
+  }
+  const int64_t num_entries = static_cast<int64_t>(entry_group.size());
+
+  T overall = 0, dual_overall = 0;
+  if (to_overall) {
+    T sum = 0, dual_sum = 0;
+    for (int64_t b = 0; b < num_samples; ++b) sum += v[b];
+    overall = sum / static_cast<T>(num_samples);
+    if (dual) {
+      for (int64_t b = 0; b < num_samples; ++b) dual_sum += dual[b];
+      dual_overall = dual_sum / static_cast<T>(num_samples);
+    }
+  }
+
+  thread_local GroupSlots slots;
+  slots.reset(num_entries);
+  std::vector<int64_t> slot_of_entry(num_entries);
+  std::vector<T> counts;
+  for (int64_t e = 0; e < num_entries; ++e) {
+    const int64_t slot = slots.slot_of(entry_group[e]);
+    if (slot == static_cast<int64_t>(counts.size())) counts.push_back(0);
+    counts[slot] += 1;
+    slot_of_entry[e] = slot;
+  }
+
+  const auto ids_options = ids.options().dtype(at::kLong);
+  at::Tensor entry_ids = at::empty({num_entries}, ids_options);
+  at::Tensor recorded = at::empty({num_entries}, values.options().dtype(at::kFloat));
+  at::Tensor slopes = at::empty({num_samples}, values.options());
+  int64_t* out_ids = entry_ids.data_ptr<int64_t>();
+  float* out_recorded = recorded.data_ptr<float>();
+  T* out_slopes = slopes.data_ptr<T>();
+  for (int64_t b = 0; b < num_samples; ++b) out_slopes[b] = 0;
+
+  T term = 0, coefficient_sum = 0;
+  double recorded_sum = 0, primal_sum = 0;  // validation.nonfinite_error: NaN/inf iff an element is
+  for (int64_t e = 0; e < num_entries; ++e) {
+    const int64_t group = entry_group[e];
+    const int64_t sample = multiple ? entry_sample[e] : e;
+    const T b = bound_of ? static_cast<T>(bound_of[group]) : static_cast<T>(bound);
+    const T violation = signed_violation<T>(v[sample], overall, b, sign);
+    const float dual_violation =
+        static_cast<float>(dual ? signed_violation<T>(dual[sample], dual_overall, b, sign) : violation);
+    const T coefficient = static_cast<T>(lambda[group]) * (T(1) / counts[slot_of_entry[e]]);
+    term += coefficient * violation;
+    coefficient_sum += coefficient;
+    out_slopes[sample] += static_cast<T>(sign) * coefficient;
+    out_ids[e] = group;
+    out_recorded[e] = dual_violation;
+    recorded_sum += dual_violation;
+    primal_sum += violation;
+  }
+  if (!std::isfinite(recorded_sum) || (dual && !std::isfinite(primal_sum))) error |= kErrorNonfinite;
+  if (to_overall && num_samples > 0) {
+    // d e / d v_b also has -s / B through the mean of every sample.
+    const T mean_slope = static_cast<T>(sign) * coefficient_sum / static_cast<T>(num_samples);
+    for (int64_t b = 0; b < num_samples; ++b) out_slopes[b] -= mean_slope;
+  }
+  return {at::scalar_tensor(term, values.options()), slopes, entry_ids, recorded,
+          at::scalar_tensor(error, values.options().dtype(at::kInt))};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_lagrangian_forward_cpu(
+    const at::Tensor& values, const at::Tensor& ids, const c10::optional<at::Tensor>& dual_values,
+    const at::Tensor& multipliers, const c10::optional<at::Tensor>& bounds, double bound, double sign,
+    bool to_overall) {
+  TORCH_CHECK(values.dim() == 1 && values.is_floating_point(), "grouped_lagrangian_forward: values must be 1-D float");
+  TORCH_CHECK(ids.dim() >= 1 && ids.size(0) == values.size(0) && ids.dim() <= 2,
+              "grouped_lagrangian_forward: ids must be (B,) or (B, M)");
+  TORCH_CHECK(multipliers.scalar_type() == at::kFloat, "grouped_lagrangian_forward: multipliers must be float32");
+  TORCH_CHECK(!bounds || (bounds->scalar_type() == at::kFloat && bounds->numel() == multipliers.numel()),
+              "grouped_lagrangian_forward: bounds must be float32, one per constraint");
+  // The compute dtype of the torch path: float64 values stay float64, every narrower one is widened to fp32.
+  const auto compute = values.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor v = values.to(compute).contiguous();
+  c10::optional<at::Tensor> dual;
+  if (dual_values) dual = dual_values->to(compute).contiguous();
+  const at::Tensor id = ids.contiguous();
+  const at::Tensor lambda = multipliers.contiguous();
+  c10::optional<at::Tensor> bound_rows;
+  if (bounds) bound_rows = bounds->contiguous();
+  const bool ids_are_int32 = id.scalar_type() == at::kInt;
+  TORCH_CHECK(ids_are_int32 || id.scalar_type() == at::kLong, "grouped_lagrangian_forward: ids must be int32 or int64");
+  if (compute == at::kDouble) {
+    return ids_are_int32 ? forward_typed<double, int32_t>(v, id, dual, lambda, bound_rows, bound, sign, to_overall)
+                         : forward_typed<double, int64_t>(v, id, dual, lambda, bound_rows, bound, sign, to_overall);
+  }
+  return ids_are_int32 ? forward_typed<float, int32_t>(v, id, dual, lambda, bound_rows, bound, sign, to_overall)
+                       : forward_typed<float, int64_t>(v, id, dual, lambda, bound_rows, bound, sign, to_overall);
+}
+
+}  // namespace
+}  // namespace fused_lagrangian
+
+TORCH_LIBRARY_IMPL(fused_lagrangian, CPU, m) {
+  m.impl("grouped_lagrangian_forward", &fused_lagrangian::grouped_lagrangian_forward_cpu);
+}
