@@ -6,8 +6,11 @@
 // validation.py.  Groups are found through a hash table sized by the batch, never by the number of
 // constraints: at K >> batch the torch path's sort is what this op saves.
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mul.h>
 #include <ATen/ops/scalar_tensor.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -75,9 +78,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_t
   // Entries: one per (sample, group) membership, in row order; ids are clamped into range (the error
   // code says whether they were), and (B, M) padding (-1) makes no entry.
   const int64_t lowest = multiple ? -1 : 0;
-  std::vector<int64_t> entry_group, entry_sample;
-  entry_group.reserve(num_samples * per_sample);
-  if (multiple) entry_sample.reserve(num_samples * per_sample);
+  // Per-call scratch kept by the thread: fresh vectors would page-fault their memory in on every call.
+  thread_local std::vector<int64_t> entry_group, entry_sample, slot_of_entry;
+  thread_local std::vector<T> counts;
+  entry_group.clear();
+  entry_sample.clear();
+  counts.clear();
   for (int64_t i = 0; i < num_samples * per_sample; ++i) {
     int64_t id = static_cast<int64_t>(raw_ids[i]);
     if (id < lowest || id >= num_constraints) {
@@ -103,9 +109,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_t
 
   thread_local GroupSlots slots;
   slots.reset(num_entries);
-  std::vector<int64_t> slot_of_entry(num_entries);
-  std::vector<T> counts;
+  slot_of_entry.resize(num_entries);
   for (int64_t e = 0; e < num_entries; ++e) {
+    // The multipliers and bounds are read in the next loop: at K >> batch each is a cache miss.
+    __builtin_prefetch(lambda + entry_group[e], 0, 1);
+    if (bound_of) __builtin_prefetch(bound_of + entry_group[e], 0, 1);
     const int64_t slot = slots.slot_of(entry_group[e]);
     if (slot == static_cast<int64_t>(counts.size())) counts.push_back(0);
     counts[slot] += 1;
@@ -178,9 +186,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_l
                        : forward_typed<float, int64_t>(v, id, dual, lambda, bound_rows, bound, sign, to_overall);
 }
 
+using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// Autograd in C++: d term / d values is the kernel's second output, so the backward is one product;
+// a Python autograd function (torch.library.register_autograd) costs more than the whole kernel.
+class GroupedForward : public torch::autograd::Function<GroupedForward> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& values,
+                                                const at::Tensor& ids, const c10::optional<at::Tensor>& dual_values,
+                                                const at::Tensor& multipliers, const c10::optional<at::Tensor>& bounds,
+                                                double bound, double sign, bool to_overall) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("fused_lagrangian::grouped_lagrangian_forward", "")
+                               .typed<ForwardOutputs(const at::Tensor&, const at::Tensor&,
+                                                     const c10::optional<at::Tensor>&, const at::Tensor&,
+                                                     const c10::optional<at::Tensor>&, double, double, bool)>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [term, slopes, entry_ids, recorded, error] =
+        op.call(values, ids, dual_values, multipliers, bounds, bound, sign, to_overall);
+    ctx->set_materialize_grads(false);  // only the term has a gradient: no zeros for the other outputs
+    ctx->save_for_backward({slopes});
+    ctx->saved_data["values_dtype"] = static_cast<int64_t>(values.scalar_type());
+    ctx->mark_non_differentiable({slopes, entry_ids, recorded, error});
+    return {term, slopes, entry_ids, recorded, error};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_outputs) {
+    const at::Tensor slopes = ctx->get_saved_variables()[0];
+    const auto values_dtype = static_cast<at::ScalarType>(ctx->saved_data["values_dtype"].toInt());
+    return {at::mul(grad_outputs[0], slopes).to(values_dtype), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+ForwardOutputs grouped_lagrangian_forward_autograd(const at::Tensor& values, const at::Tensor& ids,
+                                                   const c10::optional<at::Tensor>& dual_values,
+                                                   const at::Tensor& multipliers,
+                                                   const c10::optional<at::Tensor>& bounds, double bound, double sign,
+                                                   bool to_overall) {
+  auto outputs = GroupedForward::apply(values, ids, dual_values, multipliers, bounds, bound, sign, to_overall);
+  return {outputs[0], outputs[1], outputs[2], outputs[3], outputs[4]};
+}
+
 }  // namespace
 }  // namespace fused_lagrangian
 
 TORCH_LIBRARY_IMPL(fused_lagrangian, CPU, m) {
   m.impl("grouped_lagrangian_forward", &fused_lagrangian::grouped_lagrangian_forward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(fused_lagrangian, Autograd, m) {
+  m.impl("grouped_lagrangian_forward", &fused_lagrangian::grouped_lagrangian_forward_autograd);
 }

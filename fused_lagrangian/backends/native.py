@@ -88,7 +88,7 @@ _GROUPED_FORWARD_DEVICES: set[str] = set()
 
 
 def _register_grouped_forward() -> None:
-    """Shape function and autograd of the grouped block forward (absent from libraries built before it)."""
+    """Shape function of the grouped block forward (absent from libraries built before it)."""
     if not hasattr(torch.ops.fused_lagrangian, "grouped_lagrangian_forward"):
         return
     _GROUPED_FORWARD_DEVICES.update(name for name, key in _DISPATCH_KEYS.items()
@@ -105,16 +105,7 @@ def _register_grouped_forward() -> None:
                 ids.new_empty((entries,), dtype=torch.int64), values.new_empty((entries,), dtype=torch.float32),
                 values.new_empty((), dtype=torch.int32))
 
-    def setup_context(ctx, inputs, output):
-        ctx.mark_non_differentiable(*output[1:])
-        ctx.save_for_backward(output[1])
-        ctx.values_dtype = inputs[0].dtype
-
-    def backward(ctx, grad_term, *_):
-        (slopes,) = ctx.saved_tensors
-        return (grad_term * slopes).to(ctx.values_dtype), None, None, None, None, None, None, None
-
-    torch.library.register_autograd(_GROUPED_FORWARD, backward, setup_context=setup_context)
+    # Autograd: the C++ kernel registered for the Autograd key (a Python one costs more than the kernel).
 
 
 def has_grouped_forward(device_type: str) -> bool:
