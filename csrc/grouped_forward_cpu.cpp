@@ -24,33 +24,41 @@ namespace {
 constexpr int32_t kErrorIdsOutOfRange = 1;  // validation.ERROR_IDS_OUT_OF_RANGE
 constexpr int32_t kErrorNonfinite = 2;      // validation.ERROR_NONFINITE
 
-// Group id -> dense slot, open addressing; capacity a power of two at least twice the entries.
+// Group id -> dense slot, open addressing (Fibonacci hashing); capacity a power of two at least twice
+// the entries, so the table is sized by the batch, never by the number of constraints.
 class GroupSlots {
  public:
   void reset(int64_t num_entries) {
+    int shift = 64 - 4;
     uint64_t capacity = 16;
-    while (capacity < 2 * static_cast<uint64_t>(num_entries)) capacity <<= 1;
+    while (capacity < 2 * static_cast<uint64_t>(num_entries)) capacity <<= 1, --shift;
     table_.assign(capacity, -1);
-    ids_.clear();
+    ids_.resize(num_entries);
+    shift_ = shift;
     mask_ = capacity - 1;
+    size_ = 0;
   }
   int64_t slot_of(int64_t id) {
-    uint64_t h = (static_cast<uint64_t>(id) * 0x9E3779B97F4A7C15ull) >> 17 & mask_;
-    int64_t slot;
-    while ((slot = table_[h]) >= 0 && ids_[slot] != id) h = (h + 1) & mask_;
+    int32_t* const table = table_.data();
+    const int64_t* const ids = ids_.data();
+    uint64_t h = (static_cast<uint64_t>(id) * 0x9E3779B97F4A7C15ull) >> shift_;
+    int32_t slot;
+    while ((slot = table[h]) >= 0 && ids[slot] != id) h = (h + 1) & mask_;
     if (slot < 0) {
-      slot = static_cast<int64_t>(ids_.size());
-      ids_.push_back(id);
-      table_[h] = slot;
+      slot = size_++;
+      ids_[slot] = id;
+      table[h] = slot;
     }
     return slot;
   }
-  int64_t size() const { return static_cast<int64_t>(ids_.size()); }
+  int64_t size() const { return size_; }
 
  private:
-  std::vector<int64_t> table_;
+  std::vector<int32_t> table_;
   std::vector<int64_t> ids_;
-  uint64_t mask_ = 0;
+  int shift_ = 60;
+  uint64_t mask_ = 15;
+  int32_t size_ = 0;
 };
 
 template <typename T>
@@ -75,26 +83,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_t
   const float* bound_of = bounds ? bounds->data_ptr<float>() : nullptr;
 
   int32_t error = 0;
+  // Per-call scratch kept by the thread: fresh vectors would page-fault their memory in on every call
+  // (and references, taken once: every access to a thread_local of a shared library is a call).
+  thread_local std::vector<int64_t> group_scratch, sample_scratch, slot_scratch;
+  thread_local std::vector<T> count_scratch;
+  thread_local GroupSlots slot_table;
+  const int64_t num_memberships = num_samples * per_sample;
+  group_scratch.resize(num_memberships);
+  if (multiple) sample_scratch.resize(num_memberships);
+  int64_t* const entry_group = group_scratch.data();
+  int64_t* const entry_sample = sample_scratch.data();
   // Entries: one per (sample, group) membership, in row order; ids are clamped into range (the error
   // code says whether they were), and (B, M) padding (-1) makes no entry.
   const int64_t lowest = multiple ? -1 : 0;
-  // Per-call scratch kept by the thread: fresh vectors would page-fault their memory in on every call.
-  thread_local std::vector<int64_t> entry_group, entry_sample, slot_of_entry;
-  thread_local std::vector<T> counts;
-  entry_group.clear();
-  entry_sample.clear();
-  counts.clear();
-  for (int64_t i = 0; i < num_samples * per_sample; ++i) {
+  int64_t num_entries = 0;
+  for (int64_t i = 0; i < num_memberships; ++i) {
     int64_t id = static_cast<int64_t>(raw_ids[i]);
     if (id < lowest || id >= num_constraints) {
       error |= kErrorIdsOutOfRange;
       id = id < lowest ? lowest : num_constraints - 1;
     }
     if (id < 0) continue;
-    entry_group.push_back(id);
-    if (multiple) entry_sample.push_back(i / per_sample);
+    entry_group[num_entries] = id;
+    if (multiple) entry_sample[num_entries] = i / per_sample;
+    ++num_entries;
   }
-  const int64_t num_entries = static_cast<int64_t>(entry_group.size());
 
   T overall = 0, dual_overall = 0;
   if (to_overall) {
@@ -107,15 +120,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_t
     }
   }
 
-  thread_local GroupSlots slots;
+  GroupSlots& slots = slot_table;
   slots.reset(num_entries);
-  slot_of_entry.resize(num_entries);
+  slot_scratch.resize(num_entries);
+  count_scratch.assign(num_entries, T(0));
+  int64_t* const slot_of_entry = slot_scratch.data();
+  T* const counts = count_scratch.data();
   for (int64_t e = 0; e < num_entries; ++e) {
     // The multipliers and bounds are read in the next loop: at K >> batch each is a cache miss.
     __builtin_prefetch(lambda + entry_group[e], 0, 1);
     if (bound_of) __builtin_prefetch(bound_of + entry_group[e], 0, 1);
     const int64_t slot = slots.slot_of(entry_group[e]);
-    if (slot == static_cast<int64_t>(counts.size())) counts.push_back(0);
     counts[slot] += 1;
     slot_of_entry[e] = slot;
   }
