@@ -123,6 +123,9 @@ class Formulation:
         self.formulation, self.penalty, self.to_overall = formulation, penalty, to_overall
         self.skip_nonfinite = nonfinite == "skip"
         self.bound = bound
+        # The fused op's form of the bound: one per constraint, or a scalar.
+        self._bound_rows = bound if isinstance(bound, Tensor) else None
+        self._bound_scalar = 0.0 if isinstance(bound, Tensor) else float(bound)
         self.dense_ids = torch.arange(num_constraints, device=device) if kind == "dense" else None
         self.device = device
 
@@ -134,6 +137,13 @@ class Formulation:
     def entries(self, values: Tensor, ids: Optional[Tensor],
                 dual_values: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor], int]:
         """Static checks; (entry ids, the caller's ids to range-check (None for dense), lowest valid id)."""
+        self.check_static(values, ids, dual_values)
+        if self.kind == "dense":
+            return self.dense_ids, None, 0
+        return ids.long(), ids, -1 if ids.dim() == 2 else 0
+
+    def check_static(self, values: Tensor, ids: Optional[Tensor], dual_values: Optional[Tensor]) -> None:
+        """Types, shapes and devices: metadata only, raise ConstraintInputError at once."""
         if not isinstance(values, Tensor) or not values.is_floating_point():
             self.fail(f"values must be a floating-point tensor, got {getattr(values, 'dtype', type(values))}")
         if values.device != self.device:
@@ -161,9 +171,6 @@ class Formulation:
                 self.fail("dual_values must be a floating-point tensor")
             if dual_values.shape != values.shape or dual_values.device != values.device:
                 self.fail(f"dual_values must match values (shape {tuple(values.shape)}, device {values.device})")
-        if self.kind == "dense":
-            return self.dense_ids, None, 0
-        return ids.long(), ids, -1 if ids.dim() == 2 else 0
 
     @staticmethod
     def memberships(ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -237,17 +244,16 @@ class Formulation:
         whatever K: groups come from a hash table sized by the batch instead of a sort.  The term uses
         the multipliers as they are at the call (blocks that update them in the call use the torch path).
         """
-        _, given_ids, lowest_id = self.entries(values, ids, dual_values)
-        bounds = self.bound if isinstance(self.bound, Tensor) else None
+        self.check_static(values, ids, dual_values)
+        # No gradient reaches dual_values: the op's autograd gives none to any input but the values.
         term, _, entry_ids, recorded, code = torch.ops.fused_lagrangian.grouped_lagrangian_forward(
-            values, given_ids, None if dual_values is None else dual_values.detach(), multipliers, bounds,
-            0.0 if bounds is not None else self.bound, self.sign, self.to_overall)
+            values, ids, dual_values, multipliers, self._bound_rows, self._bound_scalar, self.sign, self.to_overall)
         if not deferred:
             verdict = int(code)
             if verdict:
                 if verdict == ERROR_NONFINITE and self.skip_nonfinite:
                     return None
-                raise_for_code(self.name, self.kind, verdict, self.num_constraints, given_ids)
+                raise_for_code(self.name, self.kind, verdict, self.num_constraints, ids)
             code = None
         return Recording(entry_ids, recorded, code), term
 
