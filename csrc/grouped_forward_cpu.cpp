@@ -126,10 +126,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_t
   count_scratch.assign(num_entries, T(0));
   int64_t* const slot_of_entry = slot_scratch.data();
   T* const counts = count_scratch.data();
+  // At K >> batch every multiplier (and bound) read is a cache miss: a loop of independent loads alone
+  // keeps many of them in flight, where the loops below would wait on each.
+  thread_local std::vector<float> gather_scratch;
+  gather_scratch.resize(bound_of ? 2 * num_entries : num_entries);
+  float* const entry_lambda = gather_scratch.data();
+  float* const entry_bound = bound_of ? entry_lambda + num_entries : nullptr;
+  for (int64_t e = 0; e < num_entries; ++e) entry_lambda[e] = lambda[entry_group[e]];
+  if (bound_of) {
+    for (int64_t e = 0; e < num_entries; ++e) entry_bound[e] = bound_of[entry_group[e]];
+  }
   for (int64_t e = 0; e < num_entries; ++e) {
-    // The multipliers and bounds are read in the next loop: at K >> batch each is a cache miss.
-    __builtin_prefetch(lambda + entry_group[e], 0, 1);
-    if (bound_of) __builtin_prefetch(bound_of + entry_group[e], 0, 1);
     const int64_t slot = slots.slot_of(entry_group[e]);
     counts[slot] += 1;
     slot_of_entry[e] = slot;
@@ -149,11 +156,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_t
   for (int64_t e = 0; e < num_entries; ++e) {
     const int64_t group = entry_group[e];
     const int64_t sample = multiple ? entry_sample[e] : e;
-    const T b = bound_of ? static_cast<T>(bound_of[group]) : static_cast<T>(bound);
+    const T b = bound_of ? static_cast<T>(entry_bound[e]) : static_cast<T>(bound);
     const T violation = signed_violation<T>(v[sample], overall, b, sign);
     const float dual_violation =
         static_cast<float>(dual ? signed_violation<T>(dual[sample], dual_overall, b, sign) : violation);
-    const T coefficient = static_cast<T>(lambda[group]) * (T(1) / counts[slot_of_entry[e]]);
+    const T coefficient = static_cast<T>(entry_lambda[e]) * (T(1) / counts[slot_of_entry[e]]);
     term += coefficient * violation;
     coefficient_sum += coefficient;
     out_slopes[sample] += static_cast<T>(sign) * coefficient;
