@@ -109,14 +109,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_t
     ++num_entries;
   }
 
+  // Sums over the batch in double: at least as accurate as the torch path's cascaded fp32 sums at any B.
   T overall = 0, dual_overall = 0;
   if (to_overall) {
-    T sum = 0, dual_sum = 0;
+    double sum = 0, dual_sum = 0;
     for (int64_t b = 0; b < num_samples; ++b) sum += v[b];
-    overall = sum / static_cast<T>(num_samples);
+    overall = static_cast<T>(sum / static_cast<double>(num_samples));
     if (dual) {
       for (int64_t b = 0; b < num_samples; ++b) dual_sum += dual[b];
-      dual_overall = dual_sum / static_cast<T>(num_samples);
+      dual_overall = static_cast<T>(dual_sum / static_cast<double>(num_samples));
     }
   }
 
@@ -151,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_t
   T* out_slopes = slopes.data_ptr<T>();
   for (int64_t b = 0; b < num_samples; ++b) out_slopes[b] = 0;
 
-  T term = 0, coefficient_sum = 0;
+  double term = 0, coefficient_sum = 0;
   double recorded_sum = 0, primal_sum = 0;  // validation.nonfinite_error: NaN/inf iff an element is
   for (int64_t e = 0; e < num_entries; ++e) {
     const int64_t group = entry_group[e];
@@ -172,10 +173,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_t
   if (!std::isfinite(recorded_sum) || (dual && !std::isfinite(primal_sum))) error |= kErrorNonfinite;
   if (to_overall && num_samples > 0) {
     // d e / d v_b also has -s / B through the mean of every sample.
-    const T mean_slope = static_cast<T>(sign) * coefficient_sum / static_cast<T>(num_samples);
+    const T mean_slope = static_cast<T>(sign * coefficient_sum / static_cast<double>(num_samples));
     for (int64_t b = 0; b < num_samples; ++b) out_slopes[b] -= mean_slope;
   }
-  return {at::scalar_tensor(term, values.options()), slopes, entry_ids, recorded,
+  return {at::scalar_tensor(static_cast<T>(term), values.options()), slopes, entry_ids, recorded,
           at::scalar_tensor(error, values.options().dtype(at::kInt))};
 }
 

@@ -53,7 +53,7 @@ def _random_ids(generator, batch: int, k: int, per_sample: Optional[int], id_dty
 
 
 CASES = list(itertools.product(
-    [(64, 5), (64, 10_000), (7, 3)],  # (batch, K): K < B, K > B, tiny
+    [(64, 5), (64, 10_000), (7, 3), (20_000, 50)],  # (batch, K): K < B, K > B, tiny, a large batch
     [None, 3],  # 1-D ids, or (B, M) memberships padded with -1
     ["<=", ">=", "=="],
     [False, True],  # to_overall
