@@ -14,7 +14,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXTENSION_NAME = "fused_lagrangian._C"
-CPU_SOURCES = ["fused_step.cpp", "fused_step_cpu.cpp"]
+CPU_SOURCES = ["fused_step.cpp", "fused_step_cpu.cpp", "grouped_forward_cpu.cpp"]
 CUDA_SOURCES = ["fused_step_cuda.cu"]
 # -fno-math-errno lets GCC vectorise sqrt; no contraction keeps the rounding of every operation (and
 # so the results) the same whatever instruction set the loops are compiled for; -g0 overrides

@@ -137,6 +137,11 @@ TORCH_LIBRARY(fused_lagrangian, m) {
       "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, Tensor primal_hparams, int[] primal_flags, "
       "int algorithm, Tensor(f!)[] multipliers, Tensor(g!)[] dual_states, Tensor[] ids, Tensor[] violations, "
       "Tensor dual_hparams, int[] dual_flags, Tensor? grad_scale=None, Tensor? found_inf=None) -> Tensor");
+  // A grouped Lagrangian block call's forward (formulation.py is its specification): (term, d term / d
+  // values, entry ids, fp32 dual violations, error code).  Autograd is registered from Python.
+  m.def(
+      "grouped_lagrangian_forward(Tensor values, Tensor ids, Tensor? dual_values, Tensor multipliers, "
+      "Tensor? bounds, float bound, float sign, bool to_overall) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 // The step is not differentiable (optimizers run it under no_grad): autograd passes it straight to

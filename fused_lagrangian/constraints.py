@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .contract import DualFlag, dual_state_rows
-from .formulation import LOCAL, SENSE_SIGNS, BlockContext, Formulation
+from .formulation import LOCAL, SENSE_SIGNS, BlockContext, Formulation, Recording
 from .memory import available_bytes, constraint_state
 from .validation import ERROR_NONFINITE, ConstraintInputError, raise_for_code
 
@@ -199,6 +199,8 @@ class ConstraintBlock:
         self._bound = spec.bound.to(device=device, dtype=torch.float32) if isinstance(spec.bound, Tensor) else float(spec.bound)
         self._formulation = Formulation(spec.name, spec.kind, spec.num_constraints, spec.sense, spec.formulation,
                                         spec.penalty, spec.to_overall, spec.nonfinite, self._bound, device)
+        # The fused op's term uses the multipliers as of the call: dual-first blocks update them in between.
+        self._fused_forward = self._formulation.uses_fused_forward() and spec.ordering != "dual_first"
         self._pending_ids: list[Tensor] = []
         self._pending_violations: list[Tensor] = []
         self.nonfinite_skipped = 0
@@ -262,20 +264,31 @@ class ConstraintBlock:
         context = self._context
         # Calls that record nothing (evaluation, maybe on one rank only) stay local: no collective.
         reduction = context.reduction() if record else LOCAL
-        measured = self._formulation.measure(values, ids, dual_values, reduction, context.deferred_checks(self.device))
+        formulation, device = self._formulation, self.device
+        if self._fused_forward and reduction.is_local and context.native_forward(device):
+            fused = formulation.fused_forward(values, ids, dual_values, self.multipliers, context.deferred_checks(device))
+            if fused is None:
+                self.nonfinite_skipped += 1
+                return torch.zeros((), dtype=values.dtype, device=values.device)
+            recording, term = fused
+            self._record(recording, record, context)
+            return term if want_term else None
+        measured = formulation.measure(values, ids, dual_values, reduction, context.deferred_checks(device))
         if measured is None:
             self.nonfinite_skipped += 1
             return torch.zeros((), dtype=values.dtype, device=values.device)
-        recording = measured.recording
+        self._record(measured.recording, record, context)
+        if not want_term:
+            return None
+        return formulation.term(measured, self.multipliers, reduction, context.uses_triton(device))
+
+    def _record(self, recording: Recording, record: bool, context: BlockContext) -> None:
         if recording.error is not None:
             self._note_error(recording.error)
         if record:
             self._pending_ids.append(recording.ids)
             self._pending_violations.append(recording.violations)
             context.recorded(self, recording)
-        if not want_term:
-            return None
-        return self._formulation.term(measured, self.multipliers, reduction, context.uses_triton(self.device))
 
     def _note_error(self, code: Tensor) -> None:
         nonfinite = (code & ERROR_NONFINITE) > 0

@@ -89,6 +89,7 @@ class BlockContext:
     reduction: Callable[[], Reduction]  # for calls that record (grad enabled, or observe)
     deferred_checks: Callable[[torch.device], bool]  # validation.is_deferred with the owner's mode
     uses_triton: Callable[[torch.device], bool]  # the resolved backend's choice for the term op
+    native_forward: Callable[[torch.device], bool]  # the resolved backend has the fused grouped forward op
     recorded: Callable[[object, "Recording"], None]  # after a block recorded a call (dual-first steps here)
 
 
@@ -122,6 +123,9 @@ class Formulation:
         self.formulation, self.penalty, self.to_overall = formulation, penalty, to_overall
         self.skip_nonfinite = nonfinite == "skip"
         self.bound = bound
+        # The fused op's form of the bound: one per constraint, or a scalar.
+        self._bound_rows = bound if isinstance(bound, Tensor) else None
+        self._bound_scalar = 0.0 if isinstance(bound, Tensor) else float(bound)
         self.dense_ids = torch.arange(num_constraints, device=device) if kind == "dense" else None
         self.device = device
 
@@ -133,6 +137,13 @@ class Formulation:
     def entries(self, values: Tensor, ids: Optional[Tensor],
                 dual_values: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor], int]:
         """Static checks; (entry ids, the caller's ids to range-check (None for dense), lowest valid id)."""
+        self.check_static(values, ids, dual_values)
+        if self.kind == "dense":
+            return self.dense_ids, None, 0
+        return ids.long(), ids, -1 if ids.dim() == 2 else 0
+
+    def check_static(self, values: Tensor, ids: Optional[Tensor], dual_values: Optional[Tensor]) -> None:
+        """Types, shapes and devices: metadata only, raise ConstraintInputError at once."""
         if not isinstance(values, Tensor) or not values.is_floating_point():
             self.fail(f"values must be a floating-point tensor, got {getattr(values, 'dtype', type(values))}")
         if values.device != self.device:
@@ -160,9 +171,6 @@ class Formulation:
                 self.fail("dual_values must be a floating-point tensor")
             if dual_values.shape != values.shape or dual_values.device != values.device:
                 self.fail(f"dual_values must match values (shape {tuple(values.shape)}, device {values.device})")
-        if self.kind == "dense":
-            return self.dense_ids, None, 0
-        return ids.long(), ids, -1 if ids.dim() == 2 else 0
 
     @staticmethod
     def memberships(ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -223,6 +231,31 @@ class Formulation:
         # Recorded ids must not alias the caller's buffer: reusing it before step() must not redirect the update.
         owned_ids = entry_ids.clone() if entry_ids is ids else entry_ids
         return Measured(Recording(owned_ids, recorded, code), primal, violations, entry_ids)
+
+    def uses_fused_forward(self) -> bool:
+        """Whether ``fused_forward`` computes this block's calls (when the backend has the op, one process)."""
+        return self.formulation == "lagrangian" and self.kind == "grouped"
+
+    def fused_forward(self, values: Tensor, ids: Optional[Tensor], dual_values: Optional[Tensor], multipliers: Tensor,
+                      deferred: bool) -> Optional[tuple[Recording, Tensor]]:
+        """``measure`` then ``term`` of a grouped Lagrangian call in one process, as one native op.
+
+        The same semantics as the torch path (tests/test_fused_forward.py holds it to it), at O(batch)
+        whatever K: groups come from a hash table sized by the batch instead of a sort.  The term uses
+        the multipliers as they are at the call (blocks that update them in the call use the torch path).
+        """
+        self.check_static(values, ids, dual_values)
+        # No gradient reaches dual_values: the op's autograd gives none to any input but the values.
+        term, _, entry_ids, recorded, code = torch.ops.fused_lagrangian.grouped_lagrangian_forward(
+            values, ids, dual_values, multipliers, self._bound_rows, self._bound_scalar, self.sign, self.to_overall)
+        if not deferred:
+            verdict = int(code)
+            if verdict:
+                if verdict == ERROR_NONFINITE and self.skip_nonfinite:
+                    return None
+                raise_for_code(self.name, self.kind, verdict, self.num_constraints, ids)
+            code = None
+        return Recording(entry_ids, recorded, code), term
 
     def _agree(self, reduction: Reduction, code: Optional[Tensor] = None,
                error: Optional[ConstraintInputError] = None) -> bool:

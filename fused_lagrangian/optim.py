@@ -81,9 +81,11 @@ class LagrangianOptimizer(torch.optim.Optimizer):
         self.process_group = process_group
         self.constraints: dict[str, ConstraintBlock] = {}
         self._implementations: dict[tuple[str, str], tuple[str, Callable]] = {}
+        self._native_forward_by_device: dict[str, bool] = {}
         self._input_errors = _InputErrors()
         self._block_context = BlockContext(reduction=self._reduction, deferred_checks=self._deferred_checks,
-                                           uses_triton=self._uses_triton, recorded=self._recorded)
+                                           uses_triton=self._uses_triton, native_forward=self._native_forward,
+                                           recorded=self._recorded)
         # GradScaler hands us grad_scale / found_inf instead of unscaling the gradients itself.
         self._step_supports_amp_scaling = True
 
@@ -103,6 +105,7 @@ class LagrangianOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("backend", "auto")
         self.__dict__.setdefault("process_group", None)
         self._implementations = {}  # resolved again on first use: backend functions are not state
+        self._native_forward_by_device = {}
 
     # ----------------------------------------------------------------------------------------------
     # Constraint blocks
@@ -149,6 +152,13 @@ class LagrangianOptimizer(torch.optim.Optimizer):
     def _uses_triton(self, device: torch.device) -> bool:
         # On the CPU Triton only runs interpreted (tests of the step kernel): the term stays plain torch there.
         return device.type == "cuda" and self._resolved(device)[0] == "triton"
+
+    def _native_forward(self, device: torch.device) -> bool:
+        uses = self._native_forward_by_device.get(device.type)
+        if uses is None:
+            uses = self._native_forward_by_device[device.type] = (
+                self._resolved(device)[0] == "native" and backends.native.has_grouped_forward(device.type))
+        return uses
 
     def _recorded(self, block: ConstraintBlock, recording: Recording) -> None:
         if recording.error is not None:

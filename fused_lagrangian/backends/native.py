@@ -23,6 +23,7 @@ from .registry import Backend, register
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 _OP_NAME = "fused_lagrangian::fused_step"
+_GROUPED_FORWARD = "fused_lagrangian::grouped_lagrangian_forward"
 
 
 class _Library:
@@ -45,6 +46,7 @@ class _Library:
                     self.origin = (None if prefer_sources else _load_built()) or native_build.compile_and_load()
                     if self.origin is not None:
                         _register_fake()
+                        _register_grouped_forward()
                 except Exception as error:  # noqa: BLE001 - any load failure makes the backend unavailable
                     self.error = f"the native extension failed to load: {error}"
                     self.origin = None
@@ -79,6 +81,36 @@ def _register_fake() -> None:
           multipliers, dual_states, ids, violations, dual_hparams, dual_flags, grad_scale=None, found_inf=None):
         device = multipliers[0].device if multipliers else torch.device("cpu")
         return torch.empty(len(multipliers), 3, dtype=torch.float32, device=device)
+
+
+# Device types with a kernel of the grouped block forward, found at load (a set lookup traces in torch.compile).
+_GROUPED_FORWARD_DEVICES: set[str] = set()
+
+
+def _register_grouped_forward() -> None:
+    """Shape function of the grouped block forward (absent from libraries built before it)."""
+    if not hasattr(torch.ops.fused_lagrangian, "grouped_lagrangian_forward"):
+        return
+    _GROUPED_FORWARD_DEVICES.update(name for name, key in _DISPATCH_KEYS.items()
+                                    if torch._C._dispatch_has_kernel_for_dispatch_key(_GROUPED_FORWARD, key))
+    if not _GROUPED_FORWARD_DEVICES:
+        return
+
+    @torch.library.register_fake(_GROUPED_FORWARD)
+    def _(values, ids, dual_values, multipliers, bounds, bound, sign, to_overall):
+        compute = torch.float64 if values.dtype == torch.float64 else torch.float32
+        # 1-D ids: one entry per sample; (B, M) ids padded with -1: as many as the data has.
+        entries = ids.shape[0] if ids.dim() == 1 else torch.library.get_ctx().new_dynamic_size()
+        return (values.new_empty((), dtype=compute), values.new_empty(values.shape, dtype=compute),
+                ids.new_empty((entries,), dtype=torch.int64), values.new_empty((entries,), dtype=torch.float32),
+                values.new_empty((), dtype=torch.int32))
+
+    # Autograd: the C++ kernel registered for the Autograd key (a Python one costs more than the kernel).
+
+
+def has_grouped_forward(device_type: str) -> bool:
+    """Whether the fused grouped block forward has a kernel for this device type (CPU only so far)."""
+    return _LIBRARY.load() is None and device_type in _GROUPED_FORWARD_DEVICES
 
 
 def has_kernel_for(device_type: str) -> bool:

@@ -1,0 +1,264 @@
+// CPU kernel of grouped_lagrangian_forward: a grouped Lagrangian block call in one O(batch) pass.
+//
+// The Python torch path (fused_lagrangian/formulation.py) is the specification: per-entry signed
+// violations e = s * (v - [mean v] - b_k), weights 1 / n_k with n_k the entries of group k in the
+// batch, the term sum_e w_e lambda_k e, the fp32 dual violations and the ERROR_* code of
+// validation.py.  Groups are found through a hash table sized by the batch, never by the number of
+// constraints: at K >> batch the torch path's sort is what this op saves.
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+#include <vector>
+
+namespace fused_lagrangian {
+namespace {
+
+constexpr int32_t kErrorIdsOutOfRange = 1;  // validation.ERROR_IDS_OUT_OF_RANGE
+constexpr int32_t kErrorNonfinite = 2;      // validation.ERROR_NONFINITE
+
+// Group id -> dense slot, open addressing (Fibonacci hashing); capacity a power of two at least twice
+// the entries, so the table is sized by the batch, never by the number of constraints.
+class GroupSlots {
+ public:
+  void reset(int64_t num_entries) {
+    int shift = 64 - 4;
+    uint64_t capacity = 16;
+    while (capacity < 2 * static_cast<uint64_t>(num_entries)) capacity <<= 1, --shift;
+    table_.assign(capacity, -1);
+    ids_.resize(num_entries);
+    shift_ = shift;
+    mask_ = capacity - 1;
+    size_ = 0;
+  }
+  int64_t slot_of(int64_t id) {
+    int32_t* const table = table_.data();
+    const int64_t* const ids = ids_.data();
+    uint64_t h = (static_cast<uint64_t>(id) * 0x9E3779B97F4A7C15ull) >> shift_;
+    int32_t slot;
+    while ((slot = table[h]) >= 0 && ids[slot] != id) h = (h + 1) & mask_;
+    if (slot < 0) {
+      slot = size_++;
+      ids_[slot] = id;
+      table[h] = slot;
+    }
+    return slot;
+  }
+  int64_t size() const { return size_; }
+
+ private:
+  std::vector<int32_t> table_;
+  std::vector<int64_t> ids_;
+  int shift_ = 60;
+  uint64_t mask_ = 15;
+  int32_t size_ = 0;
+};
+
+template <typename T>
+T signed_violation(T value, T overall, T bound, double sign) {
+  const T centred = value - overall;  // the torch path subtracts the mean first, then the bound
+  return sign < 0 ? bound - centred : centred - bound;
+}
+
+template <typename T, typename Id>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_typed(
+    const at::Tensor& values, const at::Tensor& ids, const c10::optional<at::Tensor>& dual_values,
+    const at::Tensor& multipliers, const c10::optional<at::Tensor>& bounds, double bound, double sign,
+    bool to_overall) {
+  const int64_t num_samples = values.numel();
+  const int64_t num_constraints = multipliers.numel();
+  const int64_t per_sample = ids.dim() == 2 ? ids.size(1) : 1;
+  const bool multiple = ids.dim() == 2;
+  const T* v = values.data_ptr<T>();
+  const T* dual = dual_values ? dual_values->data_ptr<T>() : nullptr;
+  const Id* raw_ids = ids.data_ptr<Id>();
+  const float* lambda = multipliers.data_ptr<float>();
+  const float* bound_of = bounds ? bounds->data_ptr<float>() : nullptr;
+
+  int32_t error = 0;
+  // Per-call scratch kept by the thread: fresh vectors would page-fault their memory in on every call
+  // (and references, taken once: every access to a thread_local of a shared library is a call).
+  thread_local std::vector<int64_t> group_scratch, sample_scratch, slot_scratch;
+  thread_local std::vector<T> count_scratch;
+  thread_local GroupSlots slot_table;
+  const int64_t num_memberships = num_samples * per_sample;
+  group_scratch.resize(num_memberships);
+  if (multiple) sample_scratch.resize(num_memberships);
+  int64_t* const entry_group = group_scratch.data();
+  int64_t* const entry_sample = sample_scratch.data();
+  // Entries: one per (sample, group) membership, in row order; ids are clamped into range (the error
+  // code says whether they were), and (B, M) padding (-1) makes no entry.
+  const int64_t lowest = multiple ? -1 : 0;
+  int64_t num_entries = 0;
+  for (int64_t i = 0; i < num_memberships; ++i) {
+    int64_t id = static_cast<int64_t>(raw_ids[i]);
+    if (id < lowest || id >= num_constraints) {
+      error |= kErrorIdsOutOfRange;
+      id = id < lowest ? lowest : num_constraints - 1;
+    }
+    if (id < 0) continue;
+    entry_group[num_entries] = id;
+    if (multiple) entry_sample[num_entries] = i / per_sample;
+    ++num_entries;
+  }
+
+  // Sums over the batch in double: at least as accurate as the torch path's cascaded fp32 sums at any B.
+  T overall = 0, dual_overall = 0;
+  if (to_overall) {
+    double sum = 0, dual_sum = 0;
+    for (int64_t b = 0; b < num_samples; ++b) sum += v[b];
+    overall = static_cast<T>(sum / static_cast<double>(num_samples));
+    if (dual) {
+      for (int64_t b = 0; b < num_samples; ++b) dual_sum += dual[b];
+      dual_overall = static_cast<T>(dual_sum / static_cast<double>(num_samples));
+    }
+  }
+
+  GroupSlots& slots = slot_table;
+  slots.reset(num_entries);
+  slot_scratch.resize(num_entries);
+  count_scratch.assign(num_entries, T(0));
+  int64_t* const slot_of_entry = slot_scratch.data();
+  T* const counts = count_scratch.data();
+  // At K >> batch every multiplier (and bound) read is a cache miss: a loop of independent loads alone
+  // keeps many of them in flight, where the loops below would wait on each.
+  thread_local std::vector<float> gather_scratch;
+  gather_scratch.resize(bound_of ? 2 * num_entries : num_entries);
+  float* const entry_lambda = gather_scratch.data();
+  float* const entry_bound = bound_of ? entry_lambda + num_entries : nullptr;
+  for (int64_t e = 0; e < num_entries; ++e) entry_lambda[e] = lambda[entry_group[e]];
+  if (bound_of) {
+    for (int64_t e = 0; e < num_entries; ++e) entry_bound[e] = bound_of[entry_group[e]];
+  }
+  for (int64_t e = 0; e < num_entries; ++e) {
+    const int64_t slot = slots.slot_of(entry_group[e]);
+    counts[slot] += 1;
+    slot_of_entry[e] = slot;
+  }
+
+  const auto ids_options = ids.options().dtype(at::kLong);
+  at::Tensor entry_ids = at::empty({num_entries}, ids_options);
+  at::Tensor recorded = at::empty({num_entries}, values.options().dtype(at::kFloat));
+  at::Tensor slopes = at::empty({num_samples}, values.options());
+  int64_t* out_ids = entry_ids.data_ptr<int64_t>();
+  float* out_recorded = recorded.data_ptr<float>();
+  T* out_slopes = slopes.data_ptr<T>();
+  for (int64_t b = 0; b < num_samples; ++b) out_slopes[b] = 0;
+
+  double term = 0, coefficient_sum = 0;
+  double recorded_sum = 0, primal_sum = 0;  // validation.nonfinite_error: NaN/inf iff an element is
+  for (int64_t e = 0; e < num_entries; ++e) {
+    const int64_t group = entry_group[e];
+    const int64_t sample = multiple ? entry_sample[e] : e;
+    const T b = bound_of ? static_cast<T>(entry_bound[e]) : static_cast<T>(bound);
+    const T violation = signed_violation<T>(v[sample], overall, b, sign);
+    const float dual_violation =
+        static_cast<float>(dual ? signed_violation<T>(dual[sample], dual_overall, b, sign) : violation);
+    const T coefficient = static_cast<T>(entry_lambda[e]) * (T(1) / counts[slot_of_entry[e]]);
+    term += coefficient * violation;
+    coefficient_sum += coefficient;
+    out_slopes[sample] += static_cast<T>(sign) * coefficient;
+    out_ids[e] = group;
+    out_recorded[e] = dual_violation;
+    recorded_sum += dual_violation;
+    primal_sum += violation;
+  }
+  if (!std::isfinite(recorded_sum) || (dual && !std::isfinite(primal_sum))) error |= kErrorNonfinite;
+  if (to_overall && num_samples > 0) {
+    // d e / d v_b also has -s / B through the mean of every sample.
+    const T mean_slope = static_cast<T>(sign * coefficient_sum / static_cast<double>(num_samples));
+    for (int64_t b = 0; b < num_samples; ++b) out_slopes[b] -= mean_slope;
+  }
+  return {at::scalar_tensor(static_cast<T>(term), values.options()), slopes, entry_ids, recorded,
+          at::scalar_tensor(error, values.options().dtype(at::kInt))};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_lagrangian_forward_cpu(
+    const at::Tensor& values, const at::Tensor& ids, const c10::optional<at::Tensor>& dual_values,
+    const at::Tensor& multipliers, const c10::optional<at::Tensor>& bounds, double bound, double sign,
+    bool to_overall) {
+  TORCH_CHECK(values.dim() == 1 && values.is_floating_point(), "grouped_lagrangian_forward: values must be 1-D float");
+  TORCH_CHECK(ids.dim() >= 1 && ids.size(0) == values.size(0) && ids.dim() <= 2,
+              "grouped_lagrangian_forward: ids must be (B,) or (B, M)");
+  TORCH_CHECK(multipliers.scalar_type() == at::kFloat, "grouped_lagrangian_forward: multipliers must be float32");
+  TORCH_CHECK(!bounds || (bounds->scalar_type() == at::kFloat && bounds->numel() == multipliers.numel()),
+              "grouped_lagrangian_forward: bounds must be float32, one per constraint");
+  // The compute dtype of the torch path: float64 values stay float64, every narrower one is widened to fp32.
+  const auto compute = values.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor v = values.to(compute).contiguous();
+  c10::optional<at::Tensor> dual;
+  if (dual_values) dual = dual_values->to(compute).contiguous();
+  const at::Tensor id = ids.contiguous();
+  const at::Tensor lambda = multipliers.contiguous();
+  c10::optional<at::Tensor> bound_rows;
+  if (bounds) bound_rows = bounds->contiguous();
+  const bool ids_are_int32 = id.scalar_type() == at::kInt;
+  TORCH_CHECK(ids_are_int32 || id.scalar_type() == at::kLong, "grouped_lagrangian_forward: ids must be int32 or int64");
+  if (compute == at::kDouble) {
+    return ids_are_int32 ? forward_typed<double, int32_t>(v, id, dual, lambda, bound_rows, bound, sign, to_overall)
+                         : forward_typed<double, int64_t>(v, id, dual, lambda, bound_rows, bound, sign, to_overall);
+  }
+  return ids_are_int32 ? forward_typed<float, int32_t>(v, id, dual, lambda, bound_rows, bound, sign, to_overall)
+                       : forward_typed<float, int64_t>(v, id, dual, lambda, bound_rows, bound, sign, to_overall);
+}
+
+using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// Autograd in C++: d term / d values is the kernel's second output, so the backward is one product;
+// a Python autograd function (torch.library.register_autograd) costs more than the whole kernel.
+class GroupedForward : public torch::autograd::Function<GroupedForward> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& values,
+                                                const at::Tensor& ids, const c10::optional<at::Tensor>& dual_values,
+                                                const at::Tensor& multipliers, const c10::optional<at::Tensor>& bounds,
+                                                double bound, double sign, bool to_overall) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("fused_lagrangian::grouped_lagrangian_forward", "")
+                               .typed<ForwardOutputs(const at::Tensor&, const at::Tensor&,
+                                                     const c10::optional<at::Tensor>&, const at::Tensor&,
+                                                     const c10::optional<at::Tensor>&, double, double, bool)>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [term, slopes, entry_ids, recorded, error] =
+        op.call(values, ids, dual_values, multipliers, bounds, bound, sign, to_overall);
+    ctx->set_materialize_grads(false);  // only the term has a gradient: no zeros for the other outputs
+    ctx->save_for_backward({slopes});
+    ctx->saved_data["values_dtype"] = static_cast<int64_t>(values.scalar_type());
+    ctx->mark_non_differentiable({slopes, entry_ids, recorded, error});
+    return {term, slopes, entry_ids, recorded, error};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_outputs) {
+    const at::Tensor slopes = ctx->get_saved_variables()[0];
+    const auto values_dtype = static_cast<at::ScalarType>(ctx->saved_data["values_dtype"].toInt());
+    return {at::mul(grad_outputs[0], slopes).to(values_dtype), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+ForwardOutputs grouped_lagrangian_forward_autograd(const at::Tensor& values, const at::Tensor& ids,
+                                                   const c10::optional<at::Tensor>& dual_values,
+                                                   const at::Tensor& multipliers,
+                                                   const c10::optional<at::Tensor>& bounds, double bound, double sign,
+                                                   bool to_overall) {
+  auto outputs = GroupedForward::apply(values, ids, dual_values, multipliers, bounds, bound, sign, to_overall);
+  return {outputs[0], outputs[1], outputs[2], outputs[3], outputs[4]};
+}
+
+}  // namespace
+}  // namespace fused_lagrangian
+
+TORCH_LIBRARY_IMPL(fused_lagrangian, CPU, m) {
+  m.impl("grouped_lagrangian_forward", &fused_lagrangian::grouped_lagrangian_forward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(fused_lagrangian, Autograd, m) {
+  m.impl("grouped_lagrangian_forward", &fused_lagrangian::grouped_lagrangian_forward_autograd);
+}
