@@ -126,6 +126,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW (decoupled) weight decay")
     parser.add_argument("--dual-lr", type=float, default=3e-2, help="multiplier learning rate")
     parser.add_argument("--kp", type=float, default=10.0, help="nuPI proportional gain (0: plain ascent)")
+    parser.add_argument("--estimator", choices=("auto", "batch", "running"), default="auto",
+                        help="the multipliers' violation estimate: this step's batch, or a running estimate "
+                             "pooled over steps (auto: batch for full-batch training, running for minibatches)")
     parser.add_argument("--select-window", type=float, default=0.2,
                         help="a constrained run returns its most accurate train-feasible iterate of this final "
                              "fraction of its steps, else its last iterate (0: always the last iterate)")

@@ -67,12 +67,21 @@ def build_model(num_features: int, hidden: int, seed: int) -> nn.Module:
 Term = Callable[..., Tensor]
 
 
+def dual_estimator(args: argparse.Namespace) -> str:
+    """What the multipliers read as a group's violation.  A full batch measures every group exactly at each
+    step, so pooling over steps ("running") would only add lag; minibatches see a rare group through a few
+    rows, and the running estimate pools them (the library's default for grouped blocks)."""
+    if args.estimator != "auto":
+        return args.estimator
+    return "batch" if args.batch_size is None else "running"
+
+
 def constraint_term(args: argparse.Namespace, problem: Problem, opt: LagrangianAdamW,
                     spec: RunSpec) -> tuple[Term, list]:
     """The loss term of ``spec`` for a batch (logits, labels, group ids[, held-out rows]), and its blocks."""
     options: dict = {"formulation": spec.formulation}
     if spec.formulation == "lagrangian":
-        options.update(dual_lr=args.dual_lr * spec.dual_lr_scale)
+        options.update(dual_lr=args.dual_lr * spec.dual_lr_scale, estimator=dual_estimator(args))
         if args.kp:
             options.update(dual_rule="nupi", kp=args.kp, ki=1.0)
     else:
