@@ -77,7 +77,9 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="fused-lagrangian demo", description=__doc__, formatter_class=_HelpFormatter)
+    # Plain text: the docstring's reStructuredText literals (``x``) read as x on a terminal.
+    parser = argparse.ArgumentParser(prog="fused-lagrangian demo", description=__doc__.replace("``", ""),
+                                     formatter_class=_HelpFormatter)
     parser.add_argument("--groups", default="race,sex,age",
                         help=f"comma list of {','.join(GROUP_KEYS)} (Adult only; race,sex,age: 59 groups)")
     parser.add_argument("--marginals", default="",
@@ -139,7 +141,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", default="demo_out", help="folder for report.json and the plots")
     parser.add_argument("--backend", default="auto", help="fused_step backend (auto, reference, native, ...)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (one line per finished run instead)")
     args = parser.parse_args(argv)
     if args.min_group_size is None:
         args.min_group_size = 10 if args.dataset == "adult" else 50
@@ -204,7 +206,12 @@ def main(argv: list[str]) -> int:
     start = time.perf_counter()
     problem = load_problem(args)
     specs = run_specs(args)
-    results = [train_run(args, problem, spec, progress=not args.no_progress) for spec in specs]
+    results = []
+    for number, spec in enumerate(specs, start=1):
+        counter = f"run {number} of {len(specs)}"
+        results.append(train_run(args, problem, spec, progress=not args.no_progress, counter=counter))
+        if args.no_progress:  # one line per finished run, so a long demo is never silent
+            print(f"{counter}: {spec.label} done in {results[-1].wall_s:.1f} s", flush=True)
     summary = summarize(args, problem, results, time.perf_counter() - start)
     print(format_report(args, problem, results, summary))
     report = write_outputs(args, problem, results, summary, command)

@@ -152,7 +152,8 @@ class _Batches:
         return next(self.fit), None if self.held_out is None else next(self.held_out)
 
 
-def train_run(args: argparse.Namespace, problem: Problem, spec: RunSpec, progress: bool) -> RunResult:
+def train_run(args: argparse.Namespace, problem: Problem, spec: RunSpec, progress: bool,
+              counter: str = "") -> RunResult:
     from tqdm import tqdm
 
     model = build_model(problem.x_train.shape[1], args.hidden, args.seed)
@@ -179,7 +180,7 @@ def train_run(args: argparse.Namespace, problem: Problem, spec: RunSpec, progres
             history["multipliers"].append([b.multipliers[problem.constrained].tolist() for b in blocks])
 
     start = time.perf_counter()
-    for step in tqdm(range(total_steps), desc=f"{spec.label:>16}", disable=not progress, leave=False):
+    for step in tqdm(range(total_steps), desc=f"{counter} {spec.label:>16}".strip(), disable=not progress, leave=False):
         if batches is None:  # full batch: this step's forward over every training row also judges the iterate
             logits_all = model(x).squeeze(1)
             record(step, logits_all.detach())

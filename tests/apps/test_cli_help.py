@@ -21,7 +21,8 @@ def help_text(run, capsys) -> str:
     return capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["examples", "--help"], ["info", "--help"], ["bench", "--help"]],
+@pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"], ["examples", "--help"], ["info", "--help"],
+                                  ["bench", "--help"]],
                          ids=" ".join)
 def test_command_help_is_plain_text(argv, capsys):
     text = help_text(lambda: cli.main(argv), capsys)

@@ -219,3 +219,10 @@ def test_dual_lr_sensitivity_last_iterates_feasible_and_not_over_satisfied(tmp_p
     for row in rows:
         assert row["last_iterate_train_max_violation"] <= 0.01, row
         assert row["last_iterate_train_tightest_excess"] >= -0.02, row
+
+
+def test_no_progress_prints_a_line_per_finished_run(tmp_path, capsys):
+    assert demo.main(["--runs", "unconstrained,lagrangian", "--epochs", "3", "--no-progress",
+                      "--out", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("run 1 of 2: unconstrained done in") and lines[1].startswith("run 2 of 2: lagrangian")
