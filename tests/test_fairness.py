@@ -202,7 +202,7 @@ def test_held_out_rows_move_the_multipliers_and_the_primal_rows_the_gradient():
 def test_per_group_epsilon():
     weight = torch.nn.Parameter(torch.zeros(()))
     opt = LagrangianSGD([weight], lr=0.0)
-    parity = fx.demographic_parity(opt, NUM_GROUPS, torch.tensor([0.1, 0.1, 0.1, 0.6]), dual_lr=0.5)
+    parity = fx.demographic_parity(opt, NUM_GROUPS, torch.tensor([0.1, 0.1, 0.1, 0.6]), dual_lr=0.5, **BATCH_ASCENT)
     parity(torch.tensor([2.0, -1.0, 0.5, 3.0, -0.1, -2.0]), GROUPS)  # group 3: gap -1/2, within 0.6
     opt.step()
     assert parity.lower.multipliers[3].item() == 0.0
@@ -221,7 +221,8 @@ def test_overlapping_groups_metrics_and_parity_step():
     assert fx.dp_gap(predictions, memberships, 5) == pytest.approx(0.5)
     weight = torch.nn.Parameter(torch.zeros(()))
     opt = LagrangianSGD([weight], lr=0.0)
-    parity = fx.demographic_parity(opt, 5, 0.1, dual_lr=1.0, constrained=torch.tensor([True, True, True, True, False]))
+    parity = fx.demographic_parity(opt, 5, 0.1, dual_lr=1.0, constrained=torch.tensor([True, True, True, True, False]),
+                                   **BATCH_ASCENT)
     parity((predictions * 2 - 1) * 3, memberships)
     opt.step()
     assert parity.upper.multipliers.tolist() == pytest.approx([0.4, 0.0, 0.0, 2 / 3 - 0.5 - 0.1, 0.0])
