@@ -15,20 +15,13 @@ from torch import Tensor
 
 from fused_lagrangian import LagrangianAdam
 from .problems import DUAL_LR, LR, PLAIN_ASCENT, SmallModelData
+from .training_candidates import TrainingCandidate
 
 NO_BLOCKS = " @no blocks"
 
 
-class SmallModelCandidate:
-    def __init__(self, data: SmallModelData) -> None:
-        self.data = data
-        self.model = data.new_model()
-        self.params = list(self.model.parameters())
-        self._step_index = 0
-
-    def step(self) -> None:
-        self._step(*self.data.batch(self._step_index))
-        self._step_index += 1
+class SmallModelCandidate(TrainingCandidate):
+    """The training sweep's loop (a model of the data's, one batch per step) on a binary classifier."""
 
     def _logits(self, inputs: Tensor) -> Tensor:
         return self.model(inputs).squeeze(1)
