@@ -66,6 +66,7 @@ DEFAULT_PENALTIES = (1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
 RUN_KINDS = ("unconstrained", "penalties", "lagrangian", "sensitivity")
 SENSITIVITY_SCALES = (0.3, 3.0)
 DEFAULT_STEPS = 1500
+FULL_BATCH_LR, MINIBATCH_LR = 1e-2, 3e-3
 TRAIN_ROWS_HINT = 30_162  # Adult's training rows: minibatch runs default to about DEFAULT_STEPS steps
 
 
@@ -124,7 +125,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--large-group-rows", type=int, default=100,
                         help="the report's 'viol>=N' column only counts groups with at least N rows in the split")
     parser.add_argument("--hidden", type=int, default=32, help="hidden units of the MLP")
-    parser.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="AdamW learning rate (None: 0.01 full batch, 0.003 with --batch-size: minibatch "
+                             "gradients are noisy, and at 0.01 the minibatch Lagrangian runs swing further and can "
+                             "collapse to predicting nobody positive)")
     parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW (decoupled) weight decay")
     parser.add_argument("--dual-lr", type=float, default=3e-2, help="multiplier learning rate")
     parser.add_argument("--kp", type=float, default=10.0, help="nuPI proportional gain (0: plain ascent)")
@@ -170,6 +174,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.epochs is None:
         args.epochs = DEFAULT_STEPS if args.batch_size is None else max(1, round(
             DEFAULT_STEPS * args.batch_size / TRAIN_ROWS_HINT))
+    if args.lr is None:
+        args.lr = FULL_BATCH_LR if args.batch_size is None else MINIBATCH_LR
     if args.epochs < 1 or args.record_every < 1:
         parser.error("--epochs and --record-every must be >= 1")
     return args

@@ -64,6 +64,7 @@ def summarize(args: argparse.Namespace, problem: Problem, results: list[RunResul
         "groups_with_slack": int(((torch.as_tensor(problem.epsilon) > args.epsilon) & keep).sum()),
         "bounds": problem.epsilon.tolist() if isinstance(problem.epsilon, torch.Tensor) else problem.epsilon,
         "test_groups_with_large_rows": int((keep & (sizes_test >= args.large_group_rows)).sum()),
+        "unconstrained_rate_shift_large_groups": _unconstrained_rate_shift(args, problem, results),
         "primal_rows": len(problem.y_train) if problem.primal_rows is None else int(problem.primal_rows.numel()),
         "constraint_rows": len(problem.y_train) if problem.constraint_rows is None else int(
             problem.constraint_rows.numel()),
@@ -71,6 +72,22 @@ def summarize(args: argparse.Namespace, problem: Problem, results: list[RunResul
     }
     summary["targets"] = _targets(summary, lagrangian, early)
     return summary
+
+
+def _unconstrained_rate_shift(args: argparse.Namespace, problem: Problem, results: list[RunResult]) -> Optional[float]:
+    """How far sampling alone moves a group's rate between the splits: the largest change, train to test, of
+    (group rate - overall rate) of the unconstrained model over the constrained groups with >= large_group_rows
+    test rows.  That model is not fitted to the constraints, so its shift is the splits' noise; a run that holds
+    those groups at the bound on train can exceed it on test by about as much.  Demographic parity only (the
+    rates recorded per run are positive rates); None without an unconstrained run."""
+    unconstrained = next((r for r in results if r.spec.formulation is None), None)
+    if unconstrained is None or args.constraint != "dp":
+        return None
+    rates = unconstrained.rates
+    shift = ((torch.tensor(rates["test"]) - rates["overall_test"])
+             - (torch.tensor(rates["train"]) - rates["overall_train"])).abs()
+    large = problem.constrained & (problem.sizes_test >= args.large_group_rows)
+    return float(shift[large].max()) if bool(large.any()) else None
 
 
 def _sensitivity_row(args: argparse.Namespace, run: RunResult) -> dict:
@@ -197,8 +214,12 @@ def format_report(args: argparse.Namespace, problem: Problem, results: list[RunR
         f"with >= {args.large_group_rows} rows in the split; #CI out: groups whose 95% Wilson interval of the "
         "rate lies entirely outside overall ± epsilon (a violation that the split's sampling noise does not "
         "explain); worst err: worst group's error rate",
-        "",
     ]
+    if summary["unconstrained_rate_shift_large_groups"] is not None:
+        lines.append(f"sampling noise: the unconstrained model's rate minus the overall rate moves by up to "
+                     f"{summary['unconstrained_rate_shift_large_groups']:.3f} between train and test in the groups "
+                     f"with >= {args.large_group_rows} test rows")
+    lines.append("")
     lines += _summary_lines(summary)
     lines += ["", "largest test-set gaps of the lagrangian run (constrained groups, 95% Wilson intervals):"]
     lines += _worst_test_groups(args, problem, results)

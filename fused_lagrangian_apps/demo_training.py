@@ -4,7 +4,6 @@ choice of the iterate it returns."""
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import math
 import time
@@ -14,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fused_lagrangian import LagrangianAdamW, fairness
+from fused_lagrangian import BestIterate, LagrangianAdamW, fairness
 
 from .demo_problem import Problem
 
@@ -218,43 +217,47 @@ def train_run(args: argparse.Namespace, problem: Problem, spec: RunSpec, progres
 
 
 class _Selection:
-    """Keeps the most accurate train-feasible iterate of the final window of a constrained run.
+    """The iterate a constrained run returns: the most accurate train-feasible iterate of the final window,
+    kept by the library's ``selection.BestIterate``; the last iterate when no iterate there is feasible.
 
-    Each evaluation (every full-batch step, whose forward already holds the hard train predictions; once per
-    epoch with minibatches) judges the current parameters on the whole training split.  Only the last
-    ``select_window`` of the steps qualify: early iterates (the initial model predicts almost nobody
-    positive, which is trivially feasible) would otherwise win for every run.
+    Every evaluation (each full-batch step, whose forward already holds the hard train predictions; once per
+    epoch with minibatches) is recorded for the report.  Only the last ``select_window`` of the steps are
+    candidates: early iterates (the initial model predicts almost nobody positive, which is trivially
+    feasible) would otherwise win for every run.
     """
 
     def __init__(self, args: argparse.Namespace, problem: Problem, model: nn.Module, total_steps: int,
                  enabled: bool) -> None:
         self.args, self.problem, self.model = args, problem, model
-        self.enabled = enabled and args.select_window > 0
         self.total_steps = total_steps
         self.first_step = total_steps - math.floor(args.select_window * total_steps)
-        self.best_accuracy, self.best_step, self.best_state = -math.inf, total_steps, None
+        self.best = (BestIterate(self._score_of_model, tolerance=args.tolerance)
+                     if enabled and args.select_window > 0 else None)
+        self._current: Optional[tuple[float, float]] = None
         # For the report only: the most accurate feasible iterate of the whole run, early ones included.
         self.anywhere: Optional[dict] = None
         self.max_violation_second_half = 0.0
 
+    def _score_of_model(self, model: nn.Module) -> tuple[float, float]:
+        return self._current  # the score of this step's forward, computed once in consider()
+
     def consider(self, step: int, logits: Tensor) -> tuple[float, float]:
-        accuracy, violation = _train_score(self.args, self.problem, logits)
+        accuracy, violation = self._current = _train_score(self.args, self.problem, logits)
         if 2 * step >= self.total_steps:
             self.max_violation_second_half = max(self.max_violation_second_half, violation)
-        if not self.enabled or violation > self.args.tolerance:
+        if self.best is None or violation > self.args.tolerance:
             return accuracy, violation
         if self.anywhere is None or accuracy > self.anywhere["accuracy"]:
             self.anywhere = {"step": step, "accuracy": accuracy, "max_violation": violation}
-        if step >= self.first_step and accuracy > self.best_accuracy:
-            self.best_accuracy, self.best_step = accuracy, step
-            self.best_state = copy.deepcopy(self.model.state_dict())
+        if step >= self.first_step:
+            self.best.consider(step, self.model)
         return accuracy, violation
 
     def restore_best(self) -> int:
         """Loads the selected iterate into the model; returns its step (``total_steps``: the last iterate)."""
-        if self.best_state is not None:
-            self.model.load_state_dict(self.best_state)
-        return self.best_step
+        if self.best is None or self.best.best is None:
+            return self.total_steps
+        return self.best.load_into(self.model).step
 
 
 def _train_score(args: argparse.Namespace, problem: Problem, logits: Tensor) -> tuple[float, float]:

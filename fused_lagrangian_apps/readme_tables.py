@@ -55,6 +55,11 @@ def render(report: dict) -> str:
                   f"{row['last_iterate_train_tightest_excess']:+.3f} from ε."
                   for row in summary["sensitivity"] if row["dual_lr_scale"] != 1.0),
     ]
+    shift = summary.get("unconstrained_rate_shift_large_groups")
+    if shift is not None:
+        lines += ["", f"Sampling noise of the test split: in the groups with ≥ {large} test rows, the unconstrained "
+                      f"model's rate minus the overall rate moves by up to {shift:.3f} between train and test "
+                      "(a model not fitted to the constraints: the shift is the splits' noise)."]
     return "\n".join(lines)
 
 

@@ -82,6 +82,21 @@ def check_intervals(report):
             assert high - low > 0.25
     outside = sum(g["lagrangian_test_interval_outside_bound"] for g in report["groups"] if g["test_size"])
     assert report["summary"]["lagrangian"]["test_groups_outside_bound_by_interval"] == outside
+    check_sampling_noise(report)
+
+
+def check_sampling_noise(report):
+    """The summary's sampling-noise figure is the largest train-to-test move of (rate - overall rate) of the
+    unconstrained model over the large constrained groups, recomputed here from the groups table."""
+    shift = report["summary"]["unconstrained_rate_shift_large_groups"]
+    if not any(r["formulation"] == "unconstrained" for r in report["runs"]):
+        assert shift is None
+        return
+    overall_train = report["overall_rates"]["unconstrained"]["train"]
+    moves = [abs(g["unconstrained_rate_test_minus_overall"] - (g["unconstrained_rate_train"] - overall_train))
+             for g in report["groups"]
+             if g["constrained"] and g["test_size"] >= report["config"]["large_group_rows"]]
+    assert shift == pytest.approx(max(moves), abs=1e-6)
 
 
 def test_adult_demographic_parity(tmp_path, capsys):
