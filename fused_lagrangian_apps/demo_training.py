@@ -81,7 +81,9 @@ def constraint_term(args: argparse.Namespace, problem: Problem, opt: LagrangianA
     options: dict = {"formulation": spec.formulation}
     if spec.formulation == "lagrangian":
         options.update(dual_lr=args.dual_lr * spec.dual_lr_scale, estimator=dual_estimator(args))
-        if args.kp:
+        if args.kp == 0:
+            options.update(dual_rule="ascent", kp=0.0)
+        elif args.kp is not None:  # None: the library's default rule for grouped blocks
             options.update(dual_rule="nupi", kp=args.kp, ki=1.0)
     else:
         options.update(dual_lr=0.0, penalty=spec.penalty)
