@@ -21,6 +21,8 @@
 namespace fused_lagrangian {
 namespace {
 
+using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
 constexpr int32_t kErrorIdsOutOfRange = 1;  // validation.ERROR_IDS_OUT_OF_RANGE
 constexpr int32_t kErrorNonfinite = 2;      // validation.ERROR_NONFINITE
 
@@ -79,7 +81,7 @@ T signed_violation(T value, T overall, T bound, double sign) {
 }
 
 template <typename T, typename Id>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_typed(
+ForwardOutputs forward_typed(
     const at::Tensor& values, const at::Tensor& ids, const c10::optional<at::Tensor>& dual_values,
     const at::Tensor& multipliers, const c10::optional<at::Tensor>& bounds, double bound, double sign,
     bool to_overall) {
@@ -195,7 +197,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_t
           at::scalar_tensor(error, values.options().dtype(at::kInt))};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_lagrangian_forward_cpu(
+ForwardOutputs grouped_lagrangian_forward_cpu(
     const at::Tensor& values, const at::Tensor& ids, const c10::optional<at::Tensor>& dual_values,
     const at::Tensor& multipliers, const c10::optional<at::Tensor>& bounds, double bound, double sign,
     bool to_overall) {
@@ -224,29 +226,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_l
                        : forward_typed<float, int64_t>(v, id, dual, lambda, bound_rows, bound, sign, to_overall);
 }
 
-using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
 // Autograd in C++: d term / d values is the kernel's second output, so the backward is one product;
-// a Python autograd function (torch.library.register_autograd) costs more than the whole kernel.
+// a Python autograd function (torch.library.register_autograd) costs more than the whole kernel.  Only
+// the term passes through the autograd function: the kernel's other outputs, which have no gradient, are
+// handed back beside it, as each output of an autograd function costs its bookkeeping at every call.
 class GroupedForward : public torch::autograd::Function<GroupedForward> {
  public:
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& values,
                                                 const at::Tensor& ids, const c10::optional<at::Tensor>& dual_values,
                                                 const at::Tensor& multipliers, const c10::optional<at::Tensor>& bounds,
-                                                double bound, double sign, bool to_overall) {
+                                                double bound, double sign, bool to_overall, ForwardOutputs* outputs) {
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("fused_lagrangian::grouped_lagrangian_forward", "")
                                .typed<ForwardOutputs(const at::Tensor&, const at::Tensor&,
                                                      const c10::optional<at::Tensor>&, const at::Tensor&,
                                                      const c10::optional<at::Tensor>&, double, double, bool)>();
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [term, slopes, entry_ids, recorded, error] =
-        op.call(values, ids, dual_values, multipliers, bounds, bound, sign, to_overall);
-    ctx->set_materialize_grads(false);  // only the term has a gradient: no zeros for the other outputs
-    ctx->save_for_backward({slopes});
+    *outputs = op.call(values, ids, dual_values, multipliers, bounds, bound, sign, to_overall);
+    ctx->save_for_backward({std::get<1>(*outputs)});
     ctx->saved_data["values_dtype"] = static_cast<int64_t>(values.scalar_type());
-    ctx->mark_non_differentiable({slopes, entry_ids, recorded, error});
-    return {term, slopes, entry_ids, recorded, error};
+    return {std::get<0>(*outputs)};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -254,7 +253,7 @@ class GroupedForward : public torch::autograd::Function<GroupedForward> {
     const at::Tensor slopes = ctx->get_saved_variables()[0];
     const auto values_dtype = static_cast<at::ScalarType>(ctx->saved_data["values_dtype"].toInt());
     return {at::mul(grad_outputs[0], slopes).to(values_dtype), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor()};
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -263,8 +262,10 @@ ForwardOutputs grouped_lagrangian_forward_autograd(const at::Tensor& values, con
                                                    const at::Tensor& multipliers,
                                                    const c10::optional<at::Tensor>& bounds, double bound, double sign,
                                                    bool to_overall) {
-  auto outputs = GroupedForward::apply(values, ids, dual_values, multipliers, bounds, bound, sign, to_overall);
-  return {outputs[0], outputs[1], outputs[2], outputs[3], outputs[4]};
+  ForwardOutputs outputs;
+  std::get<0>(outputs) =
+      GroupedForward::apply(values, ids, dual_values, multipliers, bounds, bound, sign, to_overall, &outputs)[0];
+  return outputs;
 }
 
 }  // namespace
