@@ -162,18 +162,20 @@ class ConstraintSpec:
 
     @property
     def dual_flags(self) -> int:
-        flags = DualFlag(0)
+        # Read at every step: int arithmetic on the members' values, as each DualFlag operation costs
+        # more than the rest of the property.
+        flags = 0
         if self.reduces_by_mean:
-            flags |= DualFlag.MEAN
+            flags |= DualFlag.MEAN.value
         if self.dual_rule == "nupi":
-            flags |= DualFlag.NUPI
+            flags |= DualFlag.NUPI.value
         if self.restart_on_feasible:
-            flags |= DualFlag.RESTART
+            flags |= DualFlag.RESTART.value
         if self.formulation in ("penalty", "quadratic"):
-            flags |= DualFlag.FROZEN
+            flags |= DualFlag.FROZEN.value
         elif self.estimator == "running":
-            flags |= DualFlag.RUNNING
-        return int(flags)
+            flags |= DualFlag.RUNNING.value
+        return flags
 
     @property
     def dual_hparams(self) -> list:
