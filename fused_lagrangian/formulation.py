@@ -35,6 +35,7 @@ from torch import Tensor
 
 from .grouping import segments
 from .ops import lagrangian_term
+from .ops.grouped_forward import grouped_forward
 from .validation import (ERROR_IDS_OUT_OF_RANGE, ERROR_NONFINITE, ConstraintInputError, fail, host_verdict,
                          ids_error, nonfinite_error, nonfinite_message, raise_for_code)
 
@@ -246,7 +247,7 @@ class Formulation:
         """
         self.check_static(values, ids, dual_values)
         # No gradient reaches dual_values: the op's autograd gives none to any input but the values.
-        term, _, entry_ids, recorded, code = torch.ops.fused_lagrangian.grouped_lagrangian_forward(
+        term, _, entry_ids, recorded, code = grouped_forward(
             values, ids, dual_values, multipliers, self._bound_rows, self._bound_scalar, self.sign, self.to_overall)
         if not deferred:
             verdict = int(code)
