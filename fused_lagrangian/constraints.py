@@ -266,7 +266,8 @@ class ConstraintBlock:
         context = self._context
         # Calls that record nothing (evaluation, maybe on one rank only) stay local: no collective.
         reduction = context.reduction() if record else LOCAL
-        formulation, device = self._formulation, self.device
+        formulation = self._formulation
+        device = formulation.device  # the multipliers' (self.device builds it anew at every read)
         if self._fused_forward and reduction.is_local and context.native_forward(device):
             fused = formulation.fused_forward(values, ids, dual_values, self.multipliers, context.deferred_checks(device))
             if fused is None:
