@@ -322,7 +322,7 @@ TORCH_LIBRARY_IMPL(fused_lagrangian, Autograd, m) {
 extern "C" __attribute__((visibility("default"))) PyObject* fused_lagrangian_grouped_forward_cpu_binding() {
   namespace py = pybind11;
   return py::cpp_function(&fused_lagrangian::forward_with_autograd<&fused_lagrangian::grouped_lagrangian_forward_cpu>,
-                          py::call_guard<py::gil_scoped_release>())
+                          py::name("grouped_lagrangian_forward"), py::call_guard<py::gil_scoped_release>())
       .release()
       .ptr();
 }
