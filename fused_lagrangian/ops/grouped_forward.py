@@ -1,10 +1,10 @@
 """The native grouped block forward (csrc/grouped_forward_cpu.cpp), called the cheapest way a call allows.
 
-Eager calls on plain CPU tensors go through the extension's pybind11 function of the same kernel and C++
-autograd function: torch.ops' generic path (each argument converted against the schema, then an Autograd
-and a CPU dispatch) costs several times the kernel at small batches.  Compiled calls, tensor subclasses
-(FakeTensor, functionalisation) and other devices use the registered op, whose fake implementation
-torch.compile traces (backends/native.py).
+Eager calls on plain CPU tensors go through the extension's pybind11 function of the same kernel and
+autograd node: torch.ops' generic path (each argument converted against the schema, then an Autograd
+and a CPU dispatch) costs ~2 us more a call, about half again at B=100.  Compiled calls, tensor
+subclasses (FakeTensor, functionalisation) and other devices use the registered op, whose fake
+implementation torch.compile traces (backends/native.py).
 """
 
 from __future__ import annotations
