@@ -164,3 +164,20 @@ def test_eager_binding_equals_registered_op(per_sample, dtype, per_group_bound):
     assert module._eager_cpu is not None  # the binding was found, not the op's path taken twice
     for got, expected in zip(*results):
         assert got.dtype == expected.dtype and torch.equal(got, expected)
+
+
+def test_torch_func_grad_takes_the_registered_op():
+    """Under torch.func the values wrap others: the call takes the op's dispatch, and the gradient is the eager one."""
+    from fused_lagrangian.ops.grouped_forward import grouped_forward
+
+    generator = torch.Generator().manual_seed(11)
+    values = torch.randn(20, generator=generator)
+    ids = torch.randint(0, 4, (20,), generator=generator)
+    multipliers = torch.rand(4, generator=generator)
+
+    def term(v):
+        return grouped_forward(v, ids, None, multipliers, None, 0.05, 1.0, True)[0]
+
+    leaf = values.clone().requires_grad_()
+    (expected,) = torch.autograd.grad(term(leaf), leaf)
+    assert torch.equal(torch.func.grad(term)(values), expected)

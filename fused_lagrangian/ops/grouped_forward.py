@@ -3,8 +3,8 @@
 Eager calls on plain CPU tensors go through the extension's pybind11 function of the same kernel and
 autograd node: torch.ops' generic path (each argument converted against the schema, then an Autograd
 and a CPU dispatch) costs ~2 us more a call, about half again at B=100.  Compiled calls, tensor
-subclasses (FakeTensor, functionalisation) and other devices use the registered op, whose fake
-implementation torch.compile traces (backends/native.py).
+subclasses (FakeTensor, functionalisation), torch.func transforms and other devices use the registered
+op, whose fake implementation torch.compile traces (backends/native.py).
 """
 
 from __future__ import annotations
@@ -38,8 +38,10 @@ def grouped_forward(values: Tensor, ids: Tensor, dual_values: Optional[Tensor], 
     """``torch.ops.fused_lagrangian.grouped_lagrangian_forward``: (term, d term / d values, entry ids, fp32 dual
     violations, error code); differentiable in ``values`` only.  The operator must be loaded."""
     global _eager_cpu
-    # is_compiling first: under torch.compile the other tests would be traced (and break the graph).
-    if not torch.compiler.is_compiling() and values.is_cpu and type(values) is Tensor and type(ids) is Tensor:
+    # is_compiling first: under torch.compile the other tests would be traced (and break the graph).  Under
+    # torch.func transforms the tensors are plain Tensors that wrap others: the op's dispatch unwraps them.
+    if (not torch.compiler.is_compiling() and values.is_cpu and type(values) is Tensor and type(ids) is Tensor
+            and torch._C._functorch.peek_interpreter_stack() is None):
         if _eager_cpu is _UNRESOLVED:
             _eager_cpu = _find_eager_cpu()
         if _eager_cpu is not None:
