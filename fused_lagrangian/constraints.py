@@ -46,6 +46,9 @@ DUAL_DEFAULTS = {
 }
 ORDERINGS = ("simultaneous", "dual_first")
 NONFINITE_POLICIES = ("raise", "skip")
+# ConstraintSpec.dual_flags's bits as plain ints.
+_MEAN_FLAG, _NUPI_FLAG, _RESTART_FLAG, _FROZEN_FLAG, _RUNNING_FLAG = (
+    flag.value for flag in (DualFlag.MEAN, DualFlag.NUPI, DualFlag.RESTART, DualFlag.FROZEN, DualFlag.RUNNING))
 
 
 @dataclasses.dataclass
@@ -162,19 +165,17 @@ class ConstraintSpec:
 
     @property
     def dual_flags(self) -> int:
-        # Read at every step: int arithmetic on the members' values, as each DualFlag operation costs
-        # more than the rest of the property.
-        flags = 0
-        if self.reduces_by_mean:
-            flags |= DualFlag.MEAN.value
+        # Read at every step: int arithmetic on the members' values, taken once (each DualFlag operation,
+        # and each read of a member's value, costs more than the rest of the property).
+        flags = _MEAN_FLAG if self.reduces_by_mean else 0
         if self.dual_rule == "nupi":
-            flags |= DualFlag.NUPI.value
+            flags |= _NUPI_FLAG
         if self.restart_on_feasible:
-            flags |= DualFlag.RESTART.value
+            flags |= _RESTART_FLAG
         if self.formulation in ("penalty", "quadratic"):
-            flags |= DualFlag.FROZEN.value
+            flags |= _FROZEN_FLAG
         elif self.estimator == "running":
-            flags |= DualFlag.RUNNING.value
+            flags |= _RUNNING_FLAG
         return flags
 
     @property
@@ -266,7 +267,8 @@ class ConstraintBlock:
         context = self._context
         # Calls that record nothing (evaluation, maybe on one rank only) stay local: no collective.
         reduction = context.reduction() if record else LOCAL
-        formulation, device = self._formulation, self.device
+        formulation = self._formulation
+        device = formulation.device  # the multipliers' (self.device builds it anew at every read)
         if self._fused_forward and reduction.is_local and context.native_forward(device):
             fused = formulation.fused_forward(values, ids, dual_values, self.multipliers, context.deferred_checks(device))
             if fused is None:

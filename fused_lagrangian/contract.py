@@ -152,6 +152,7 @@ def dual_state_rows(flags: int) -> tuple[int, int]:
 
 
 _FLOAT_TABLES: dict[tuple, Tensor] = {}
+_PLAIN_NUMBERS = frozenset((float, int))
 
 
 def hparams_tensor(values: Union[Tensor, Sequence[Union[float, Tensor]]]) -> Tensor:
@@ -162,7 +163,10 @@ def hparams_tensor(values: Union[Tensor, Sequence[Union[float, Tensor]]]) -> Ten
     """
     if isinstance(values, Tensor):
         return values
-    positions = [i for i, value in enumerate(values) if isinstance(value, Tensor)]
+    # All plain numbers (the usual case) is decided by one set test: a scan with isinstance costs more
+    # than the rest of a small step's dual part.
+    positions = [] if _PLAIN_NUMBERS.issuperset(map(type, values)) else [
+        i for i, value in enumerate(values) if isinstance(value, Tensor)]
     if not positions:
         if torch.compiler.is_compiling():
             return torch.tensor(values, dtype=torch.float64)

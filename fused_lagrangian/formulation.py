@@ -35,10 +35,12 @@ from torch import Tensor
 
 from .grouping import segments
 from .ops import lagrangian_term
+from .ops.grouped_forward import grouped_forward
 from .validation import (ERROR_IDS_OUT_OF_RANGE, ERROR_NONFINITE, ConstraintInputError, fail, host_verdict,
                          ids_error, nonfinite_error, nonfinite_message, raise_for_code)
 
 SENSE_SIGNS = {"<=": 1.0, ">=": -1.0, "==": 1.0}
+_ID_DTYPES = (torch.int64, torch.int32)
 
 
 class Reduction(Protocol):
@@ -144,33 +146,35 @@ class Formulation:
 
     def check_static(self, values: Tensor, ids: Optional[Tensor], dual_values: Optional[Tensor]) -> None:
         """Types, shapes and devices: metadata only, raise ConstraintInputError at once."""
+        # Run at every call: each tensor's device and shape are read once (every read builds an object).
         if not isinstance(values, Tensor) or not values.is_floating_point():
             self.fail(f"values must be a floating-point tensor, got {getattr(values, 'dtype', type(values))}")
-        if values.device != self.device:
-            self.fail(f"values are on {values.device} but the multipliers are on {self.device}")
+        device, shape = values.device, values.shape
+        if device != self.device:
+            self.fail(f"values are on {device} but the multipliers are on {self.device}")
         if self.kind == "dense":
-            if values.shape != (self.num_constraints,):
-                self.fail(f"values must have shape ({self.num_constraints},), got {tuple(values.shape)}")
+            if shape != (self.num_constraints,):
+                self.fail(f"values must have shape ({self.num_constraints},), got {tuple(shape)}")
             if ids is not None:
                 self.fail("dense blocks take no ids")
         else:
-            if values.dim() != 1:
-                self.fail(f"values must be 1-D (one per sample), got shape {tuple(values.shape)}")
+            if len(shape) != 1:
+                self.fail(f"values must be 1-D (one per sample), got shape {tuple(shape)}")
             if ids is None:
                 self.fail("ids are required (one constraint id per sample)")
-            if not isinstance(ids, Tensor) or ids.dtype not in (torch.int64, torch.int32):
+            if not isinstance(ids, Tensor) or ids.dtype not in _ID_DTYPES:
                 self.fail(f"ids must be an int64 or int32 tensor, got {getattr(ids, 'dtype', type(ids))}")
-            multiple = self.kind == "grouped" and ids.dim() == 2 and ids.shape[0] == values.shape[0]
-            if ids.shape != values.shape and not multiple:
-                self.fail(f"ids shape {tuple(ids.shape)} does not match values shape {tuple(values.shape)}"
+            ids_shape = ids.shape
+            if ids_shape != shape and not (self.kind == "grouped" and len(ids_shape) == 2 and ids_shape[0] == shape[0]):
+                self.fail(f"ids shape {tuple(ids_shape)} does not match values shape {tuple(shape)}"
                           + (" (or (B, M) group ids padded with -1)" if self.kind == "grouped" else ""))
-            if ids.device != self.device:
+            if ids.device != device:
                 self.fail(f"ids are on {ids.device} but the multipliers are on {self.device}")
         if dual_values is not None:
             if not isinstance(dual_values, Tensor) or not dual_values.is_floating_point():
                 self.fail("dual_values must be a floating-point tensor")
-            if dual_values.shape != values.shape or dual_values.device != values.device:
-                self.fail(f"dual_values must match values (shape {tuple(values.shape)}, device {values.device})")
+            if dual_values.shape != shape or dual_values.device != device:
+                self.fail(f"dual_values must match values (shape {tuple(shape)}, device {device})")
 
     @staticmethod
     def memberships(ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -246,7 +250,7 @@ class Formulation:
         """
         self.check_static(values, ids, dual_values)
         # No gradient reaches dual_values: the op's autograd gives none to any input but the values.
-        term, _, entry_ids, recorded, code = torch.ops.fused_lagrangian.grouped_lagrangian_forward(
+        term, _, entry_ids, recorded, code = grouped_forward(
             values, ids, dual_values, multipliers, self._bound_rows, self._bound_scalar, self.sign, self.to_overall)
         if not deferred:
             verdict = int(code)
