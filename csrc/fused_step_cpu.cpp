@@ -290,7 +290,7 @@ std::vector<PrimalEntry> primal_entries(const StepArguments& a) {
   for (int64_t i = 0; i < a.num_tensors(); ++i) {
     PrimalEntry& e = entries[i];
     const int64_t flags = a.primal_flags[i];
-    const double* hp = a.primal_hparams.data() + i * kPrimalHparams;
+    const double* hp = a.host_primal_hparams(i);
     e.param = a.params[i].data_ptr();
     e.grad = a.grads[i].const_data_ptr();
     e.exp_avg = a.exp_avgs[i].numel() ? a.exp_avgs[i].data_ptr() : nullptr;
@@ -333,23 +333,10 @@ at::Tensor fused_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
                           at::TensorList ids, at::TensorList violations, const at::Tensor& dual_hparams,
                           c10::ArrayRef<int64_t> dual_flags, const std::optional<at::Tensor>& grad_scale,
                           const std::optional<at::Tensor>& found_inf) {
-  const StepArguments args{params,
-                           grads,
-                           exp_avgs,
-                           exp_avg_sqs,
-                           max_exp_avg_sqs,
-                           steps,
-                           host_hparams(primal_hparams, "primal_hparams"),
-                           primal_flags,
-                           algorithm,
-                           multipliers,
-                           dual_states,
-                           ids,
-                           violations,
-                           host_hparams(dual_hparams, "dual_hparams"),
-                           dual_flags,
-                           grad_scale,
-                           found_inf};
+  const StepArguments args =
+      make_step_arguments(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, primal_hparams, primal_flags,
+                          algorithm, multipliers, dual_states, ids, violations, dual_hparams, dual_flags, grad_scale,
+                          found_inf);
   check_step_arguments(args, c10::Device(c10::kCPU));
   for (int64_t j = 0; j < args.num_blocks(); ++j) {
     if (ids[j].scalar_type() == at::kInt) {
@@ -376,7 +363,7 @@ at::Tensor fused_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
                                         multipliers[j].numel(), dual_flags[j]),
                     ids[j].const_data_ptr(), ids[j].scalar_type() == at::kInt,
                     violations[j].const_data_ptr<float>(), n, multipliers[j].numel(),
-                    dual_coefficients(args.dual_hparams.data() + j * kDualHparams, dual_flags[j]),
+                    dual_coefficients(args.host_dual_hparams(j), dual_flags[j]),
                     stats.data_ptr<float>() + j * kStatsColumns});
   }
   const std::vector<WorkItem> chunks = chunk_tensors(params);

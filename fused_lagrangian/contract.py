@@ -13,9 +13,12 @@ Primal side, one entry per parameter tensor ``i`` (lists aligned with ``params``
     exp_avg_sqs[i]          Adam: second moment. SGD: the list is empty
     max_exp_avg_sqs[i]      Adam: running max of the second moment (numel 0 without amsgrad). SGD: empty
     steps[i]                Adam: 0-dim float32 step count, incremented by the call. SGD: empty
-    primal_hparams          1-D float64 CPU tensor, PRIMAL_HPARAMS values per tensor: lr, beta1|momentum,
+    primal_hparams          1-D float64 tensor, PRIMAL_HPARAMS values per tensor: lr, beta1|momentum,
                             beta2|dampening, eps, weight_decay (a tensor, so that a scheduler's tensor
-                            lr reaches the kernel without a host read; ``hparams_tensor`` builds it)
+                            lr reaches the kernel without a host read; ``hparams_tensor`` builds it).
+                            On the CPU, or on a CUDA step's device: the CUDA kernel then reads it there,
+                            so a CUDA graph replays with the values it holds (capturable steps; the
+                            native CUDA kernel takes SGD's on the CPU, where momentum decides the state)
     primal_flags            one int per tensor, a bitmask of the PrimalFlag bits
     algorithm               Algorithm.SGD or Algorithm.ADAM
 
@@ -30,9 +33,8 @@ Dual side, one entry per constraint block ``j`` with K_j constraints:
                             with FROZEN
     ids[j]                  (B_j,) int64 constraint id of each pending sample, duplicates allowed
     violations[j]           (B_j,) fp32 per-sample violation e_i = s * (v_i - bound), already signed
-    dual_hparams            1-D float64 CPU tensor, DUAL_HPARAMS values per block: lr, kp, ki, nu, damping,
-                            lower, upper,
-                            decay
+    dual_hparams            1-D float64 tensor, DUAL_HPARAMS values per block: lr, kp, ki, nu, damping,
+                            lower, upper, decay; on the CPU or the step's device, as primal_hparams
     dual_flags              one int per block, a bitmask of the DualFlag bits
 
 For each block, only the constraints k that occur in ids[j] ("touched") change:

@@ -67,13 +67,22 @@ def test_cpp_sizes_agree():
     assert sizes["kStatsColumns"] == STATS_COLUMNS
 
 
-@pytest.mark.parametrize("source", [CSRC / "fused_step.cpp", ROOT / "tests" / "backends" / "cuda_emulation.cpp"])
-def test_operator_schema_spells_the_argument_layout(source):
-    schema = re.search(r'"fused_step\((.*?)\) -> Tensor"', re.sub(r'"\s*\n\s*"', "", source.read_text()), re.S)
-    assert schema, f"no fused_step schema in {source}"
+def test_operator_schema_spells_the_argument_layout():
+    header = re.sub(r'"\s*\\?\n\s*"', "", (CSRC / "fused_step.h").read_text())
+    schema = re.search(r'#define FUSED_STEP_SCHEMA_ARGUMENTS\s*\\?\s*"\((.*?)\) -> Tensor"', header, re.S)
+    assert schema, "no FUSED_STEP_SCHEMA_ARGUMENTS in csrc/fused_step.h"
     names = [argument.split("=")[0].split()[-1] for argument in schema.group(1).split(",")]
     assert names == list(FusedStepArguments._fields)
     assert "Tensor primal_hparams" in schema.group(1) and "Tensor dual_hparams" in schema.group(1)
+
+
+@pytest.mark.parametrize("source", [CSRC / "fused_step.cpp", ROOT / "tests" / "backends" / "cuda_emulation.cpp"])
+def test_operator_declarations_use_the_schema(source):
+    declarations = re.findall(r'm\.def\("(\w+)"\s*(\w*)', source.read_text())
+    assert declarations, f"no operator declared in {source}"
+    for name, schema in declarations:
+        if name.startswith("fused_step"):
+            assert schema == "FUSED_STEP_SCHEMA_ARGUMENTS", f"{source.name}: {name} has a schema of its own"
 
 
 def test_python_backends_take_the_argument_layout():

@@ -36,8 +36,8 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.autograd.graph import increment_version
 
-from ..contract import (DUAL_HPARAMS, PRIMAL_HPARAMS, STATS_COLUMNS, Algorithm, DualFlag, DualSlot, dual_state_rows,
-                        hparams_tensor)
+from ..contract import (DUAL_HPARAMS, PRIMAL_HPARAMS, STATS_COLUMNS, Algorithm, DualFlag, DualSlot, PrimalSlot,
+                        dual_state_rows, hparams_tensor)
 from .registry import Backend, register
 
 PRIMAL_BLOCK = 1024
@@ -153,16 +153,11 @@ def _fused_step_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step
 # The launch
 
 
-def _floats(hparams) -> list[float]:
-    return hparams.tolist() if isinstance(hparams, Tensor) else [float(h) for h in hparams]
-
-
 def _launch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, primal_hparams, primal_flags, algorithm,
             multipliers, dual_states, ids, violations, dual_hparams, dual_flags, grad_scale, found_inf) -> Tensor:
     from . import triton_kernels as kernels
 
-    # The settings tables are cached by value: the hyperparameters are read on the host here.
-    primal_hparams, dual_hparams = _floats(primal_hparams), _floats(dual_hparams)
+    primal_hparams, dual_hparams = hparams_tensor(primal_hparams), hparams_tensor(dual_hparams)
     device = params[0].device if params else (multipliers[0].device if multipliers else torch.device("cpu"))
     for tensor in (grad_scale, found_inf):
         if tensor is not None and (tensor.device != device or tensor.numel() != 1):
@@ -387,35 +382,43 @@ def _build_dual_plan(device, multipliers, dual_states, ids, violations, dual_fla
                      sample_owner.numel(), offset)
 
 
-def _primal_settings(device: torch.device, hparams: list[float], flags: list[int]) -> Tensor:
-    return _settings_tables.get(("primal", device, tuple(hparams), tuple(flags)),
-                                lambda: _to_device(_primal_settings_table(hparams, flags), device))
+def _primal_settings(device: torch.device, hparams: Tensor, flags: list[int]) -> Tensor:
+    return _settings(device, "primal", hparams, flags, _primal_settings_table)
 
 
-def _primal_settings_table(hparams: list[float], flags: list[int]) -> Tensor:
-    from .triton_kernels import PRIMAL_SETTINGS
-
-    rows = []
-    for i, flag in enumerate(flags):
-        lr, beta1, beta2, eps, weight_decay = hparams[i * PRIMAL_HPARAMS:(i + 1) * PRIMAL_HPARAMS]
-        rows.append([lr, beta1, beta2, eps, weight_decay, 1 - beta1, 1 - beta2, 1 - lr * weight_decay, flag])
-    return torch.tensor(rows, dtype=torch.float64).reshape(len(flags), PRIMAL_SETTINGS.value)
+def _dual_settings(device: torch.device, hparams: Tensor, flags: list[int]) -> Tensor:
+    return _settings(device, "dual", hparams, flags, _dual_settings_table)
 
 
-def _dual_settings(device: torch.device, hparams: list[float], flags: list[int]) -> Tensor:
-    return _settings_tables.get(("dual", device, tuple(hparams), tuple(flags)),
-                                lambda: _to_device(_dual_settings_table(hparams, flags), device))
+def _settings(device: torch.device, kind: str, hparams: Tensor, flags: list[int],
+              table: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """The kernel's float64 settings: contract.py's hyperparameters, values derived from them, the flags.
+
+    A CPU hparams tensor is read on the host: its table is cached by value and uploaded when the values
+    change.  An hparams tensor on the device (a capturable step's, updated in place) is never read on the
+    host: its table is derived there at every call, so a CUDA graph replays with the current values.
+    """
+    if hparams.device.type == "cpu":
+        return _settings_tables.get((kind, device, tuple(hparams.tolist()), tuple(flags)),
+                                    lambda: _to_device(table(hparams, torch.tensor(flags, dtype=torch.float64)), device))
+    flag_column = _settings_tables.get((kind, "flags", device, tuple(flags)),
+                                       lambda: _to_device(torch.tensor(flags, dtype=torch.float64), device))
+    return table(hparams, flag_column)
 
 
-def _dual_settings_table(hparams: list[float], flags: list[int]) -> Tensor:
-    from .triton_kernels import DUAL_SETTINGS
+def _primal_settings_table(hparams: Tensor, flags: Tensor) -> Tensor:
+    """Rows of PRIMAL_SETTINGS: the kernel's P_* columns (the derived ones in float64, as Python computed them)."""
+    hp = hparams.view(-1, PRIMAL_HPARAMS)
+    lr, beta1, beta2, weight_decay = (hp[:, slot] for slot in (PrimalSlot.LR, PrimalSlot.BETA1, PrimalSlot.BETA2,
+                                                               PrimalSlot.WEIGHT_DECAY))
+    return torch.cat([hp, torch.stack([1 - beta1, 1 - beta2, 1 - lr * weight_decay, flags], dim=1)], dim=1)
 
-    rows = []
-    for j, flag in enumerate(flags):
-        # contract.DualSlot's values first (the kernel's D_* columns), then what the kernel derives.
-        slots = hparams[j * DUAL_HPARAMS:(j + 1) * DUAL_HPARAMS]
-        rows.append([*slots, 1 - slots[DualSlot.NU], flag])
-    return torch.tensor(rows, dtype=torch.float64).reshape(len(flags), DUAL_SETTINGS.value)
+
+def _dual_settings_table(hparams: Tensor, flags: Tensor) -> Tensor:
+    """Rows of DUAL_SETTINGS: contract.DualSlot's values first (the kernel's D_* columns), then what the kernel
+    derives."""
+    hp = hparams.view(-1, DUAL_HPARAMS)
+    return torch.cat([hp, torch.stack([1 - hp[:, DualSlot.NU], flags], dim=1)], dim=1)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -46,8 +46,8 @@ TENSOR_FIRST_CHUNK: tl.constexpr = tl.constexpr(7)
 TENSOR_DTYPE: tl.constexpr = tl.constexpr(8)
 TENSOR_ROWS: tl.constexpr = tl.constexpr(9)
 
-# Columns of the float64 per-tensor settings (derived values computed on the host in double
-# precision, as the reference computes them from Python floats).
+# Columns of the float64 per-tensor settings (derived values computed in float64 by triton_backend.py,
+# on the host or on the device, as the reference computes them from Python floats).
 P_LR: tl.constexpr = tl.constexpr(0)
 P_BETA1: tl.constexpr = tl.constexpr(1)  # SGD: momentum
 P_BETA2: tl.constexpr = tl.constexpr(2)  # SGD: dampening
