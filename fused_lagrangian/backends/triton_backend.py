@@ -11,7 +11,7 @@ below are reasoned, not measured on a GPU: 4096 elements per primal program (4 t
 warps, 8 fp32 per thread per tile), 1024 samples per sample program.  Parameters of several storage
 dtypes (fp32, bf16, fp16) share the launch: each program branches on its tensor's dtype code.
 
-Registered as the custom op ``fused_lagrangian::fused_step_triton`` (torch.library.custom_op, not
+Registered as the custom op ``fused_lagrangian::fused_step_triton`` (custom_op.py's ``as_custom_op``, not
 triton_op): triton_op traces its body with fake tensors under torch.compile, and a pointer table needs
 real addresses; the kernel's writes through that table are also invisible to triton_op's mutation
 analysis.  As an opaque custom op with declared mutations, torch.compile keeps the call in the graph.
@@ -33,11 +33,10 @@ from typing import Callable, Hashable, Optional
 
 import torch
 from torch import Tensor
-from torch._subclasses.fake_tensor import FakeTensor
-from torch.autograd.graph import increment_version
 
 from ..contract import (DUAL_HPARAMS, PRIMAL_HPARAMS, STATS_COLUMNS, Algorithm, DualFlag, DualSlot, PrimalSlot,
                         dual_state_rows, hparams_tensor)
+from .custom_op import as_custom_op
 from .registry import Backend, register
 
 PRIMAL_BLOCK = 1024
@@ -52,8 +51,6 @@ NUM_WARPS = 4
 HELPER_CHUNK_LIMIT = 0
 # Tables for this many distinct tensor sets / hyperparameter sets stay cached per kind.
 CACHED_TABLES = 8
-
-_MUTATED_ARGS = ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps", "multipliers", "dual_states")
 
 
 def unavailable_reason(device_type: str) -> Optional[str]:
@@ -77,76 +74,6 @@ def build_status() -> str:
         return "triton not installed"
     mode = "interpreter (TRITON_INTERPRET=1)" if os.environ.get("TRITON_INTERPRET") == "1" else "compiled"
     return f"triton {importlib.metadata.version('triton')}, {mode}"
-
-
-def fused_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    steps: list[Tensor],
-    primal_hparams: Tensor,
-    primal_flags: list[int],
-    algorithm: int,
-    multipliers: list[Tensor],
-    dual_states: list[Tensor],
-    ids: list[Tensor],
-    violations: list[Tensor],
-    dual_hparams: Tensor,
-    dual_flags: list[int],
-    grad_scale: Optional[Tensor] = None,
-    found_inf: Optional[Tensor] = None,
-) -> Tensor:
-    """contract.py's ``fused_step`` as one Triton launch."""
-    if torch.compiler.is_compiling() or any(isinstance(t, FakeTensor) for t in params[:1] + multipliers[:1]):
-        # Traced: one opaque graph node with declared mutations.
-        return _fused_step_op(
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hparams_tensor(primal_hparams),
-            [int(f) for f in primal_flags], int(algorithm), multipliers, dual_states, ids, violations,
-            hparams_tensor(dual_hparams), [int(f) for f in dual_flags], grad_scale, found_inf,
-        )
-    # Eager: the custom op's Python dispatch handles every list element and costs several times the
-    # launch itself for a model with hundreds of tensors, so run its body and bump the version
-    # counters of the mutated tensors as the op would (autograd then detects stale saved tensors).
-    stats = _launch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, primal_hparams, primal_flags,
-                    algorithm, multipliers, dual_states, ids, violations, dual_hparams, dual_flags, grad_scale,
-                    found_inf)
-    increment_version([*params, *exp_avgs, *exp_avg_sqs, *max_exp_avg_sqs, *steps, *multipliers, *dual_states])
-    return stats
-
-
-@torch.library.custom_op("fused_lagrangian::fused_step_triton", mutates_args=_MUTATED_ARGS)
-def _fused_step_op(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    steps: list[Tensor],
-    primal_hparams: Tensor,
-    primal_flags: list[int],
-    algorithm: int,
-    multipliers: list[Tensor],
-    dual_states: list[Tensor],
-    ids: list[Tensor],
-    violations: list[Tensor],
-    dual_hparams: Tensor,
-    dual_flags: list[int],
-    grad_scale: Optional[Tensor],
-    found_inf: Optional[Tensor],
-) -> Tensor:
-    return _launch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, primal_hparams, primal_flags,
-                   algorithm, multipliers, dual_states, ids, violations, dual_hparams, dual_flags, grad_scale,
-                   found_inf)
-
-
-@_fused_step_op.register_fake
-def _fused_step_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, primal_hparams, primal_flags,
-                     algorithm, multipliers, dual_states, ids, violations, dual_hparams, dual_flags, grad_scale,
-                     found_inf) -> Tensor:
-    device = multipliers[0].device if multipliers else torch.device("cpu")
-    return torch.empty((len(multipliers), STATS_COLUMNS), dtype=torch.float32, device=device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -193,6 +120,10 @@ def _launch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, primal
         HELPER_CHUNK_LIMIT=HELPER_CHUNK_LIMIT, num_warps=NUM_WARPS,
     )
     return stats
+
+
+# contract.py's fused_step: one launch of the kernel; traced, the custom op fused_lagrangian::fused_step_triton.
+fused_step = as_custom_op("fused_step_triton", _launch, body_bumps_versions=False)
 
 
 def _or(tensor: Optional[Tensor], placeholder: Tensor) -> Tensor:
