@@ -146,6 +146,19 @@ class DualFlag(enum.IntFlag):
     RUNNING = 16
 
 
+def is_dense(tensor: Tensor) -> bool:
+    """What "dense" means above: non-overlapping and without gaps, contiguous in some order of the dimensions
+    (size-1 ones aside), so an elementwise kernel can walk the storage in memory order."""
+    if tensor.is_contiguous():
+        return True
+    expected = 1
+    for size, stride in sorted(zip(tensor.shape, tensor.stride()), key=lambda dim: dim[1]):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def dual_state_rows(flags: int) -> tuple[int, int]:
     """(rows of a block's dual state, row of the running sum S; the count N is the next row)."""
     smoothed = 1 if flags & DualFlag.NUPI else 0

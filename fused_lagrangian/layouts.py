@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .backends import reference
-from .contract import PRIMAL_HPARAMS, STATS_COLUMNS, Algorithm
+from .contract import PRIMAL_HPARAMS, STATS_COLUMNS, Algorithm, is_dense
 
 KERNEL_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
 _DTYPE = operator.attrgetter("dtype")
@@ -145,18 +145,6 @@ def _fit_as_they_are_traced(primal: tuple, algorithm: int) -> bool:
             return False
         if any(param is other for other in params[:i]):
             return False
-    return True
-
-
-def is_dense(tensor: Tensor) -> bool:
-    """Non-overlapping and without gaps: contiguous in some order of the dimensions (size-1 ones aside)."""
-    if tensor.is_contiguous():
-        return True
-    expected = 1
-    for size, stride in sorted(zip(tensor.shape, tensor.stride()), key=lambda dim: dim[1]):
-        if size != 1 and stride != expected:
-            return False
-        expected *= size
     return True
 
 

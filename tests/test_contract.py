@@ -117,3 +117,14 @@ def test_hparams_tensor_keeps_tensor_entries_as_data():
     assert table.dtype == torch.float64 and table.tolist() == [0.5, 0.9, 0.999, 1e-8, 0.0] * 2
     lr.fill_(0.25)  # a scheduler
     assert contract.hparams_tensor([lr, 0.9])[PrimalSlot.LR] == 0.25
+
+
+def test_is_dense_means_contiguous_in_some_order_of_the_dimensions():
+    import torch
+
+    x = torch.zeros(2, 3, 4, 5)
+    assert contract.is_dense(x) and contract.is_dense(x.transpose(1, 3))
+    assert contract.is_dense(x.to(memory_format=torch.channels_last))
+    assert contract.is_dense(torch.zeros(6).as_strided((2, 1, 3), (1, 7, 2)))  # a size-1 dimension's stride is unused
+    assert not contract.is_dense(x[:, :, ::2])  # gaps
+    assert not contract.is_dense(torch.zeros(4, 1).expand(4, 3))  # overlap

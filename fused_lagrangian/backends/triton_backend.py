@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from ..contract import (DUAL_HPARAMS, PRIMAL_HPARAMS, STATS_COLUMNS, Algorithm, DualFlag, DualSlot, PrimalSlot,
-                        dual_state_rows, hparams_tensor)
+                        dual_state_rows, hparams_tensor, is_dense)
 from .custom_op import as_custom_op
 from .registry import Backend, register
 
@@ -249,22 +249,13 @@ def _check_primal_layout(i: int, device: torch.device, param: Tensor, grad: Tens
         fail(f"dtype {param.dtype} is not float32, bfloat16 or float16")
     if param.device != device:
         fail(f"on {param.device}, other tensors on {device}")
-    if not _is_dense(param):
+    if not is_dense(param):
         fail("not dense (overlapping or gapped strides)")
     for tensor in (grad, *(s for s in state if s.numel() > 0)):
         if tensor.device != device or tensor.dtype != param.dtype or tensor.shape != param.shape:
             fail(f"gradient/state {tuple(tensor.shape)} {tensor.dtype} on {tensor.device} does not match")
         if tensor.stride() != param.stride():
             fail(f"gradient/state strides {tensor.stride()} differ from the parameter's {param.stride()}")
-
-
-def _is_dense(tensor: Tensor) -> bool:
-    expected = 1
-    for size, stride in sorted(zip(tensor.shape, tensor.stride()), key=lambda dim: dim[1]):
-        if size != 1 and stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 def _dual_plan(device, multipliers, dual_states, ids, violations, dual_flags) -> _DualPlan:
