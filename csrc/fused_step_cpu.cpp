@@ -191,6 +191,7 @@ class TouchedConstraints {
     // Samples are added in order, so each constraint's sum has the same rounding as index_add_.
     for (int64_t i = 0; i < num_samples; ++i) {
       const int64_t id = static_cast<int64_t>(ids[i]);
+      if (id == kPaddingId) continue;
       if (i + kTablePrefetchDistance < num_samples) {
         __builtin_prefetch(table + (hash(static_cast<int64_t>(ids[i + kTablePrefetchDistance])) & mask), 1, 3);
       }
@@ -280,9 +281,12 @@ void check_ids_in_range(const at::Tensor& ids, int64_t num_constraints, int64_t 
   const uint64_t limit = static_cast<uint64_t>(num_constraints);
   int64_t out_of_range = 0;
 #pragma omp simd reduction(+ : out_of_range)
-  for (int64_t i = 0; i < n; ++i) out_of_range += static_cast<uint64_t>(static_cast<int64_t>(data[i])) >= limit;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t id = static_cast<int64_t>(data[i]);
+    out_of_range += (static_cast<uint64_t>(id) >= limit) & (id != kPaddingId);
+  }
   TORCH_CHECK(out_of_range == 0, "fused_step: ids[", block, "] has ", out_of_range,
-              " id(s) outside [0, ", num_constraints, ")");
+              " id(s) outside [0, ", num_constraints, ") that are not padding (-1)");
 }
 
 std::vector<PrimalEntry> primal_entries(const StepArguments& a) {

@@ -187,7 +187,9 @@ __device__ void scatter_chunk(const KernelArguments& a, int64_t chunk) {
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
     const int64_t id = b.ids_are_int32 ? static_cast<int64_t>(static_cast<const int32_t*>(b.ids)[i])
                                        : static_cast<const int64_t*>(b.ids)[i];
-    if (id < 0 || id >= b.num_constraints) continue;  // rejected by the Python layer; never write out of bounds
+    // Padding (kPaddingId) is no sample; other ids out of range are rejected by the Python layer, and
+    // skipped here so that nothing is written out of bounds.
+    if (id < 0 || id >= b.num_constraints) continue;
     const unsigned long long key = static_cast<unsigned long long>(id);
     unsigned long long slot = (key * 0x9E3779B97F4A7C15ull) >> 20;
     while (true) {

@@ -31,13 +31,15 @@ Dual side, one entry per constraint block ``j`` with K_j constraints:
                               RUNNING  S, the running violation sum, then N, the running sample count
                             numel 0 when R_j = 0; a (K_j,) tensor stands for (1, K_j); not read
                             with FROZEN
-    ids[j]                  (B_j,) int64 constraint id of each pending sample, duplicates allowed
+    ids[j]                  (B_j,) int64 constraint id of each pending sample, duplicates allowed; -1 marks
+                            padding, an entry that is no sample (what a grouped block records for the
+                            empty slots of (B, M) memberships: a static shape), and is ignored
     violations[j]           (B_j,) fp32 per-sample violation e_i = s * (v_i - bound), already signed
     dual_hparams            1-D float64 tensor, DUAL_HPARAMS values per block: lr, kp, ki, nu, damping,
                             lower, upper, decay; on the CPU or the step's device, as primal_hparams
     dual_flags              one int per block, a bitmask of the DualFlag bits
 
-For each block, only the constraints k that occur in ids[j] ("touched") change:
+For each block, only the constraints k that occur in ids[j] ("touched") change (padding touches none):
 
     sum_k, n_k = sum of e_i over samples with id k, their number
     g_k  = sum_k                                       (MEAN flag: sum_k / n_k)
@@ -97,6 +99,7 @@ class DualSlot(enum.IntEnum):
 
 
 PRIMAL_HPARAMS = len(PrimalSlot)
+PADDING_ID = -1  # an entry of ids that is no sample
 DUAL_HPARAMS = len(DualSlot)
 STATS_COLUMNS = 3
 

@@ -59,6 +59,11 @@ def test_cpp_hyperparameter_slots_agree(namespace, slots):
     assert _cpp_namespace(namespace) == _members(slots)
 
 
+def test_cpp_padding_id_agrees():
+    assert re.search(r"constexpr int64_t kPaddingId = (-?\d+);", (CSRC / "step_math.h").read_text()).group(1) == \
+        str(contract.PADDING_ID)
+
+
 def test_cpp_sizes_agree():
     sizes = {name: int(value) for name, value in
              re.findall(r"constexpr int (k\w+) = (\d+);", (CSRC / "step_math.h").read_text())}

@@ -14,7 +14,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..contract import DUAL_HPARAMS, PRIMAL_HPARAMS, STATS_COLUMNS, Algorithm, DualFlag, PrimalFlag, dual_state_rows
+from ..contract import (DUAL_HPARAMS, PADDING_ID, PRIMAL_HPARAMS, STATS_COLUMNS, Algorithm, DualFlag, PrimalFlag,
+                        dual_state_rows)
 from .custom_op import as_custom_op
 from .registry import Backend, register
 
@@ -133,6 +134,8 @@ def _sgd(param, grad, momentum_buffer, *, hp, flags) -> None:
 def _dual_ascent(lam: Tensor, state: Tensor, ids: Tensor, violations: Tensor, hp, flags: DualFlag) -> Tensor:
     """Projected ascent of the touched multipliers of one block; returns its statistics row."""
     lr, kp, ki, nu, damping, lower, upper, decay = hp
+    samples = ids != PADDING_ID
+    ids, violations = ids[samples], violations[samples]
     if ids.numel() == 0:
         return torch.zeros(STATS_COLUMNS, dtype=torch.float32, device=lam.device)
     touched, slot = torch.unique(ids, return_inverse=True)
