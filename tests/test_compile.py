@@ -139,3 +139,48 @@ def test_capturable_adam_is_accepted_and_equals_eager_on_the_cpu():
         results.append([p.detach().clone() for p in model.parameters()] + [block.multipliers.clone()])
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def memberships_batch(step: int):
+    """16 samples, each in up to two of 3 groups: (B, M) ids padded with -1 at places that change every batch."""
+    generator = torch.Generator().manual_seed(100 + step)
+    ids = torch.randint(0, 3, (16, 2), generator=generator)
+    return torch.randn(16, 4, generator=generator), ids.masked_fill(torch.rand(16, 2, generator=generator) < 0.3, -1)
+
+
+def train_with_memberships(backend: str, compiled: bool) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    optimizer = LagrangianAdam(model.parameters(), lr=1e-2, backend=backend)
+    block = optimizer.add_constraint("groups", kind="grouped", num_constraints=3, dual_lr=0.5, bound=-0.05,
+                                     to_overall=True)
+
+    def loss_fn(x, ids):
+        out = model(x).flatten()
+        return ((out - 1) ** 2).mean() + block(torch.sigmoid(out), ids=ids)
+
+    step = optimizer.step
+    if compiled:
+        loss_fn = torch.compile(loss_fn, fullgraph=True)
+        raw = type(optimizer).step
+        step = torch.compile(lambda: raw(optimizer), fullgraph=True)
+    for i in range(12):
+        torch._dynamo.config.error_on_recompile = compiled and i >= 2
+        loss_fn(*memberships_batch(i)).backward()
+        step()
+        optimizer.zero_grad()
+    torch._dynamo.config.error_on_recompile = False
+    return [p.detach().clone() for p in model.parameters()] + [block.multipliers.clone()]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_padded_memberships_compile_whole_and_equal_eager(backend):
+    """(B, M) group ids padded with -1 make no data-dependent shape (the padding is kept as entries of weight 0,
+    which the step ignores): the loss and the step trace whole, and moving padding is no recompile."""
+    eager = train_with_memberships(backend, compiled=False)
+    torch._dynamo.utils.counters.clear()
+    compiled = train_with_memberships(backend, compiled=True)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert not torch._dynamo.utils.counters["graph_break"]
+    assert (eager[-1] > 0).all()  # every group's multiplier moved
