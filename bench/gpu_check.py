@@ -12,7 +12,8 @@ On a CUDA machine, for each of "native" and "triton" that can run on CUDA here:
 3. step time of the benchmark suite's step candidates (bench.step_candidates: the fused backends,
    torch.optim.Adam(fused=True), and the bandwidth ceiling), median over interleaved repetitions
    (bench.timing.time_interleaved);
-4. a training step (forward with dense, indexed and grouped blocks, backward, LagrangianAdam
+4. a training step (forward with dense, indexed and grouped blocks, the last with (B, M) group
+   memberships padded with -1, backward, LagrangianAdam
    capturable=True step, lr and one dual_lr as device tensors changed in place between steps as a
    scheduler does) run under torch.cuda.set_sync_debug_mode("error") (no host sync: input checks
    deferred, hyperparameters read by the kernel from device memory), then captured in a CUDA graph
@@ -146,10 +147,15 @@ def _training_setup(backend: str, device: str = "cuda"):
 
 
 def _batches(steps: int, batch: int = 512, device: str = "cuda") -> list[tuple[torch.Tensor, ...]]:
+    """Inputs, sample ids, and (B, 2) group memberships padded with -1 (a static shape: no sync either)."""
     generator = torch.Generator().manual_seed(1)
+
+    def memberships():
+        groups = torch.randint(0, 10**3, (batch, 2), generator=generator)
+        return groups.masked_fill(torch.rand(batch, 2, generator=generator) < 0.3, -1)
+
     return [tuple(t.to(device) for t in (torch.randn(batch, 64, generator=generator),
-                                         torch.randint(0, 10**6, (batch,), generator=generator),
-                                         torch.randint(0, 10**3, (batch,), generator=generator)))
+                                         torch.randint(0, 10**6, (batch,), generator=generator), memberships()))
             for _ in range(steps)]
 
 
