@@ -13,11 +13,10 @@ On a CUDA machine, for each of "native" and "triton" that can run on CUDA here:
    torch.optim.Adam(fused=True), and the bandwidth ceiling), median over interleaved repetitions
    (bench.timing.time_interleaved);
 4. a training step (forward with dense, indexed and grouped blocks, the last with (B, M) group
-   memberships padded with -1, backward, LagrangianAdam
-   capturable=True step, lr and one dual_lr as device tensors changed in place between steps as a
-   scheduler does) run under torch.cuda.set_sync_debug_mode("error") (no host sync: input checks
-   deferred, hyperparameters read by the kernel from device memory), then captured in a CUDA graph
-   whose replays equal the eager steps.
+   memberships padded with -1, backward, LagrangianAdam capturable=True step, lr and one dual_lr as
+   device tensors changed in place between steps as a scheduler does) run under
+   torch.cuda.set_sync_debug_mode("error") (no host sync: input checks deferred, hyperparameters read
+   by the kernel from device memory), then captured in a CUDA graph whose replays equal the eager steps.
 Prints a table; about 5 minutes on an H200, plus the native extension's build (~2 minutes) when the
 package has none: the script then compiles it on first use (FUSED_LAGRANGIAN_JIT=1).  Without CUDA
 it says so and exits 0.
