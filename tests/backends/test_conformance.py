@@ -4,9 +4,9 @@
 kernel's device code on std::threads (tests/backends/cuda_emulation.cpp), which must also leave its
 workspace clean after every call, with the hyperparameters in its descriptor table (CPU hparams
 tensors) and, as "cuda-emulated-hparams-on-device", read from their tensors (device hparams tensors,
-capturable steps; fp32 only: the dtype does not change how hyperparameters are read).  Triton runs the same cases under its interpreter in test_triton.py
-(TRITON_INTERPRET must be set before its kernels are defined, so not from this module);
-bench/gpu_check.py runs them on CUDA tensors.
+capturable steps; fp32 only: the dtype does not change how hyperparameters are read).  Triton runs
+the same cases under its interpreter in test_triton.py (TRITON_INTERPRET must be set before its
+kernels are defined, so not from this module); bench/gpu_check.py runs them on CUDA tensors.
 """
 
 from __future__ import annotations
