@@ -329,7 +329,7 @@ class Formulation:
                 return term if world == 1 else world * term
             counts, _ = reduction.group_totals(ids, self.num_constraints, violations.dtype, padded=measured.padded)
             weights = counts.reciprocal() if world == 1 else world / counts
-            # Padding's multiplier: any in range (its violation is 0); Triton's gather would not wrap -1 as torch's does.
+            # Padding's multiplier: any in range (its violation is 0); Triton's gather does not wrap -1 as torch's.
             gathered_ids = ids.clamp(min=0) if measured.padded else ids
             term = lagrangian_term(violations, gathered_ids, multipliers, weights, use_triton=uses_triton)
             if self.to_overall and not reduction.is_local:
