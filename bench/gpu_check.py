@@ -12,9 +12,11 @@ On a CUDA machine, for each of "native" and "triton" that can run on CUDA here:
 3. step time of the benchmark suite's step candidates (bench.step_candidates: the fused backends,
    torch.optim.Adam(fused=True), and the bandwidth ceiling), median over interleaved repetitions
    (bench.timing.time_interleaved);
-4. a training step (forward with dense, indexed and grouped blocks, backward, LagrangianAdam
-   capturable=True step) run under torch.cuda.set_sync_debug_mode("error") (no host sync: input
-   checks deferred), then captured in a CUDA graph whose replays equal eager steps.
+4. a training step (forward with dense, indexed and grouped blocks, the last with (B, M) group
+   memberships padded with -1, backward, LagrangianAdam capturable=True step, lr and one dual_lr as
+   device tensors changed in place between steps as a scheduler does) run under
+   torch.cuda.set_sync_debug_mode("error") (no host sync: input checks deferred, hyperparameters read
+   by the kernel from device memory), then captured in a CUDA graph whose replays equal the eager steps.
 Prints a table; about 5 minutes on an H200, plus the native extension's build (~2 minutes) when the
 package has none: the script then compiles it on first use (FUSED_LAGRANGIAN_JIT=1).  Without CUDA
 it says so and exits 0.
@@ -28,6 +30,7 @@ import subprocess
 import sys
 import time
 import traceback
+from typing import Optional
 
 import torch
 
@@ -123,24 +126,36 @@ def step_problem_candidates(num_params: int, blocks: tuple, names: list[str],
 # --------------------------------------------------------------------------------------------------
 # 4. No host syncs; CUDA graph capture and replay
 
+# Applied in place after every step, as LR schedulers with tensor learning rates do (fill_): a replay that
+# used the captured lr or dual_lr instead of the current ones would drift from the eager run.
+LR_DECAY, DUAL_LR_GROWTH = 0.8, 1.25
 
-def _training_setup(backend: str):
+
+def _training_setup(backend: str, device: str = "cuda"):
     from fused_lagrangian import LagrangianAdam
 
     torch.manual_seed(0)
-    model = torch.nn.Linear(64, 1).cuda()
-    optimizer = LagrangianAdam(model.parameters(), lr=1e-2, capturable=True, backend=backend)
-    blocks = (optimizer.add_constraint("dense", num_constraints=2, dual_lr=0.1),
+    model = torch.nn.Linear(64, 1).to(device)
+    optimizer = LagrangianAdam(model.parameters(), lr=torch.tensor(1e-2, device=device), capturable=True,
+                               backend=backend)
+    blocks = (optimizer.add_constraint("dense", num_constraints=2, dual_lr=torch.tensor(0.1, device=device)),
               optimizer.add_constraint("rows", kind="indexed", num_constraints=10**6, dual_lr=0.1, bound=0.1),
               optimizer.add_constraint("groups", kind="grouped", num_constraints=10**3, dual_lr=0.1, bound=-0.05,
                                        to_overall=True))
     return model, optimizer, blocks
 
 
-def _batches(steps: int, batch: int = 512) -> list[tuple[torch.Tensor, ...]]:
+def _batches(steps: int, batch: int = 512, device: str = "cuda") -> list[tuple[torch.Tensor, ...]]:
+    """Inputs, sample ids, and (B, 2) group memberships padded with -1 (a static shape: no sync either)."""
     generator = torch.Generator().manual_seed(1)
-    return [(torch.randn(batch, 64, generator=generator).cuda(), torch.randint(0, 10**6, (batch,), generator=generator).cuda(),
-             torch.randint(0, 10**3, (batch,), generator=generator).cuda()) for _ in range(steps)]
+
+    def memberships():
+        groups = torch.randint(0, 10**3, (batch, 2), generator=generator)
+        return groups.masked_fill(torch.rand(batch, 2, generator=generator) < 0.3, -1)
+
+    return [tuple(t.to(device) for t in (torch.randn(batch, 64, generator=generator),
+                                         torch.randint(0, 10**6, (batch,), generator=generator), memberships()))
+            for _ in range(steps)]
 
 
 def _train_step(model, optimizer, blocks, x, ids, group_ids) -> None:
@@ -153,8 +168,60 @@ def _train_step(model, optimizer, blocks, x, ids, group_ids) -> None:
     optimizer.zero_grad(set_to_none=False)  # graph capture needs the gradients' memory to stay put
 
 
+def _schedule(optimizer, blocks) -> None:
+    optimizer.param_groups[0]["lr"].mul_(LR_DECAY)
+    blocks[0].spec.dual_lr.mul_(DUAL_LR_GROWTH)
+
+
 def _state(model, blocks) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()] + [b.multipliers.clone() for b in blocks]
+
+
+def eager_run(name: str, batches: list, warmup: int, device: str = "cuda", schedule_until: Optional[int] = None,
+              sync_check: bool = True) -> list[torch.Tensor]:
+    """The training run a graph's replays must reproduce: each batch a step, then the schedule (up to step
+    ``schedule_until``); with ``sync_check``, every host sync after the warm-up is an error (state creation
+    may sync)."""
+    model, optimizer, blocks = _training_setup(name, device)
+    try:
+        for step, batch in enumerate(batches):
+            if sync_check and step == warmup:
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+            _train_step(model, optimizer, blocks, *batch)
+            if schedule_until is None or step < schedule_until:
+                _schedule(optimizer, blocks)
+    finally:
+        if sync_check:
+            torch.cuda.set_sync_debug_mode("default")
+    optimizer.raise_input_errors()
+    return _state(model, blocks)
+
+
+def captured_run(name: str, batches: list, warmup: int) -> list[torch.Tensor]:
+    """The same run, the steps after the warm-up replayed from one captured graph."""
+    model, optimizer, blocks = _training_setup(name)
+    static = [t.clone() for t in batches[0]]
+    for batch in batches[:warmup]:
+        for target, source in zip(static, batch):
+            target.copy_(source)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            _train_step(model, optimizer, blocks, *static)
+        torch.cuda.current_stream().wait_stream(side)
+        _schedule(optimizer, blocks)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _train_step(model, optimizer, blocks, *static)
+    for batch in batches[warmup:]:  # capture records without running: the first replay is step warmup + 1
+        for target, source in zip(static, batch):
+            target.copy_(source)
+        graph.replay()
+        _schedule(optimizer, blocks)
+    torch.cuda.synchronize()
+    optimizer.raise_input_errors()
+    return _state(model, blocks)
 
 
 def check_syncs_and_capture(names: list[str], warmup: int = 3, steps: int = 10) -> dict[str, str]:
@@ -162,48 +229,12 @@ def check_syncs_and_capture(names: list[str], warmup: int = 3, steps: int = 10) 
     batches = _batches(warmup + steps)
     for name in names:
         try:
-            # Eager reference, with every host sync an error after the warm-up (state creation may sync).
-            model, optimizer, blocks = _training_setup(name)
-            for batch in batches[:warmup]:
-                _train_step(model, optimizer, blocks, *batch)
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                for batch in batches[warmup:]:
-                    _train_step(model, optimizer, blocks, *batch)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-            optimizer.raise_input_errors()
-            eager = _state(model, blocks)
-
-            # The same run, the steps after the warm-up replayed from one captured graph.
-            model, optimizer, blocks = _training_setup(name)
-            static = [t.clone() for t in batches[0]]
-            for batch in batches[:warmup]:
-                for target, source in zip(static, batch):
-                    target.copy_(source)
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    _train_step(model, optimizer, blocks, *static)
-                torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            for target, source in zip(static, batches[warmup]):
-                target.copy_(source)
-            with torch.cuda.graph(graph):
-                _train_step(model, optimizer, blocks, *static)
-            graph.replay()  # capture records without running: the first replay is step warmup + 1
-            for batch in batches[warmup + 1:]:
-                for target, source in zip(static, batch):
-                    target.copy_(source)
-                graph.replay()
-            torch.cuda.synchronize()
-            optimizer.raise_input_errors()
-            captured = _state(model, blocks)
+            eager = eager_run(name, batches, warmup)
+            captured = captured_run(name, batches, warmup)
             error = max(float((a - b).abs().max()) for a, b in zip(eager, captured))
             verdict = "ok" if error <= 1e-6 else "FAIL"
             results[name] = (f"{verdict}: {steps} steps without a host sync; graph replay vs eager max |diff| "
-                             f"{error:.2e}")
+                             f"{error:.2e} (lr and dual_lr tensors changed in place between steps)")
         except Exception as error:  # noqa: BLE001 - report, then check the next backend
             results[name] = f"FAIL: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         finally:

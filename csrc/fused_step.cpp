@@ -31,14 +31,28 @@ void check_state(const at::Tensor& state, const at::Tensor& param, c10::Device d
               "] must have its parameter's shape and strides");
 }
 
+// contract.py's hyperparameter tensor: 1-D contiguous float64, ``values_per_entry`` values for each of
+// ``entries``, on the CPU (read on the host) or on the step's device (read by the kernel).
+void check_hparams(const at::Tensor& hparams, int64_t entries, int64_t values_per_entry, c10::Device device,
+                   const char* what, const char* entry) {
+  TORCH_CHECK(hparams.scalar_type() == at::kDouble && hparams.dim() == 1 && hparams.is_contiguous(),
+              "fused_step: ", what, " must be a contiguous 1-D float64 tensor");
+  TORCH_CHECK(hparams.numel() == entries * values_per_entry, "fused_step: ", what, " needs ", values_per_entry,
+              " values per ", entry, " (", entries * values_per_entry, "), got ", hparams.numel());
+  TORCH_CHECK(hparams.device().is_cpu() || hparams.device() == device, "fused_step: ", what, " is on ",
+              hparams.device(), "; it must be on the CPU or on the step's device ", device);
+}
+
 void check_primal(const StepArguments& a, c10::Device device) {
   const int64_t n = a.num_tensors();
   TORCH_CHECK(a.algorithm == kSgd || a.algorithm == kAdam, "fused_step: unknown algorithm ", a.algorithm);
   TORCH_CHECK(static_cast<int64_t>(a.grads.size()) == n && static_cast<int64_t>(a.exp_avgs.size()) == n,
               "fused_step: params, grads and exp_avgs must have one entry per tensor");
-  TORCH_CHECK(static_cast<int64_t>(a.primal_hparams.size()) == n * kPrimalHparams &&
-                  static_cast<int64_t>(a.primal_flags.size()) == n,
-              "fused_step: primal_hparams needs ", kPrimalHparams, " values and primal_flags one per tensor");
+  TORCH_CHECK(static_cast<int64_t>(a.primal_flags.size()) == n, "fused_step: primal_flags needs one per tensor");
+  check_hparams(a.primal_hparams, n, kPrimalHparams, device, "primal_hparams", "tensor");
+  // Whether an SGD tensor has a momentum buffer is decided on the host (capturable steps are Adam's).
+  TORCH_CHECK(a.is_adam() || a.primal_hparams.device().is_cpu(),
+              "fused_step: SGD takes its primal_hparams on the CPU");
   if (a.is_adam()) {
     TORCH_CHECK(static_cast<int64_t>(a.exp_avg_sqs.size()) == n &&
                     static_cast<int64_t>(a.max_exp_avg_sqs.size()) == n && static_cast<int64_t>(a.steps.size()) == n,
@@ -71,9 +85,8 @@ void check_dual(const StepArguments& a, c10::Device device) {
   TORCH_CHECK(static_cast<int64_t>(a.dual_states.size()) == m && static_cast<int64_t>(a.ids.size()) == m &&
                   static_cast<int64_t>(a.violations.size()) == m,
               "fused_step: multipliers, dual_states, ids and violations must have one entry per block");
-  TORCH_CHECK(static_cast<int64_t>(a.dual_hparams.size()) == m * kDualHparams &&
-                  static_cast<int64_t>(a.dual_flags.size()) == m,
-              "fused_step: dual_hparams needs ", kDualHparams, " values and dual_flags one per block");
+  TORCH_CHECK(static_cast<int64_t>(a.dual_flags.size()) == m, "fused_step: dual_flags needs one per block");
+  check_hparams(a.dual_hparams, m, kDualHparams, device, "dual_hparams", "block");
   for (int64_t j = 0; j < m; ++j) {
     const at::Tensor& lam = a.multipliers[j];
     check_on(lam, device, "multipliers", j);
@@ -132,11 +145,7 @@ void check_step_arguments(const StepArguments& args, c10::Device device) {
 }  // namespace fused_lagrangian
 
 TORCH_LIBRARY(fused_lagrangian, m) {
-  m.def(
-      "fused_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, Tensor primal_hparams, int[] primal_flags, "
-      "int algorithm, Tensor(f!)[] multipliers, Tensor(g!)[] dual_states, Tensor[] ids, Tensor[] violations, "
-      "Tensor dual_hparams, int[] dual_flags, Tensor? grad_scale=None, Tensor? found_inf=None) -> Tensor");
+  m.def("fused_step" FUSED_STEP_SCHEMA_ARGUMENTS);
   // A grouped Lagrangian block call's forward (formulation.py is its specification): (term, d term / d
   // values, entry ids, fp32 dual violations, error code).  Autograd is registered from Python.
   m.def(

@@ -191,6 +191,7 @@ class TouchedConstraints {
     // Samples are added in order, so each constraint's sum has the same rounding as index_add_.
     for (int64_t i = 0; i < num_samples; ++i) {
       const int64_t id = static_cast<int64_t>(ids[i]);
+      if (id == kPaddingId) continue;
       if (i + kTablePrefetchDistance < num_samples) {
         __builtin_prefetch(table + (hash(static_cast<int64_t>(ids[i + kTablePrefetchDistance])) & mask), 1, 3);
       }
@@ -280,9 +281,12 @@ void check_ids_in_range(const at::Tensor& ids, int64_t num_constraints, int64_t 
   const uint64_t limit = static_cast<uint64_t>(num_constraints);
   int64_t out_of_range = 0;
 #pragma omp simd reduction(+ : out_of_range)
-  for (int64_t i = 0; i < n; ++i) out_of_range += static_cast<uint64_t>(static_cast<int64_t>(data[i])) >= limit;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t id = static_cast<int64_t>(data[i]);
+    out_of_range += (static_cast<uint64_t>(id) >= limit) & (id != kPaddingId);
+  }
   TORCH_CHECK(out_of_range == 0, "fused_step: ids[", block, "] has ", out_of_range,
-              " id(s) outside [0, ", num_constraints, ")");
+              " id(s) outside [0, ", num_constraints, ") that are not padding (-1)");
 }
 
 std::vector<PrimalEntry> primal_entries(const StepArguments& a) {
@@ -290,7 +294,7 @@ std::vector<PrimalEntry> primal_entries(const StepArguments& a) {
   for (int64_t i = 0; i < a.num_tensors(); ++i) {
     PrimalEntry& e = entries[i];
     const int64_t flags = a.primal_flags[i];
-    const double* hp = a.primal_hparams.data() + i * kPrimalHparams;
+    const double* hp = a.host_primal_hparams(i);
     e.param = a.params[i].data_ptr();
     e.grad = a.grads[i].const_data_ptr();
     e.exp_avg = a.exp_avgs[i].numel() ? a.exp_avgs[i].data_ptr() : nullptr;
@@ -333,23 +337,10 @@ at::Tensor fused_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
                           at::TensorList ids, at::TensorList violations, const at::Tensor& dual_hparams,
                           c10::ArrayRef<int64_t> dual_flags, const std::optional<at::Tensor>& grad_scale,
                           const std::optional<at::Tensor>& found_inf) {
-  const StepArguments args{params,
-                           grads,
-                           exp_avgs,
-                           exp_avg_sqs,
-                           max_exp_avg_sqs,
-                           steps,
-                           host_hparams(primal_hparams, "primal_hparams"),
-                           primal_flags,
-                           algorithm,
-                           multipliers,
-                           dual_states,
-                           ids,
-                           violations,
-                           host_hparams(dual_hparams, "dual_hparams"),
-                           dual_flags,
-                           grad_scale,
-                           found_inf};
+  const StepArguments args =
+      make_step_arguments(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, primal_hparams, primal_flags,
+                          algorithm, multipliers, dual_states, ids, violations, dual_hparams, dual_flags, grad_scale,
+                          found_inf);
   check_step_arguments(args, c10::Device(c10::kCPU));
   for (int64_t j = 0; j < args.num_blocks(); ++j) {
     if (ids[j].scalar_type() == at::kInt) {
@@ -376,7 +367,7 @@ at::Tensor fused_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
                                         multipliers[j].numel(), dual_flags[j]),
                     ids[j].const_data_ptr(), ids[j].scalar_type() == at::kInt,
                     violations[j].const_data_ptr<float>(), n, multipliers[j].numel(),
-                    dual_coefficients(args.dual_hparams.data() + j * kDualHparams, dual_flags[j]),
+                    dual_coefficients(args.host_dual_hparams(j), dual_flags[j]),
                     stats.data_ptr<float>() + j * kStatsColumns});
   }
   const std::vector<WorkItem> chunks = chunk_tensors(params);

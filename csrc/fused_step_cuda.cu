@@ -5,24 +5,29 @@
 // block's samples into a hash table in global memory (atomicCAS on the id, atomicAdd of the value
 // and the count), sized by the batch, never by the number of constraints.  The last thread block to
 // finish (an atomic ticket) projects the touched multipliers, writes the statistics, advances the
-// step counts and clears the table for the next step.  lr and the other hyperparameters travel in
-// the descriptor table; step, grad_scale and found_inf are read on the device: no host sync.
+// step counts and clears the table for the next step.  Step counts, grad_scale and found_inf are
+// read on the device: no host sync.  The hyperparameters (lr, betas, dual_lr, ...) travel in the
+// descriptor table when their tensors are on the CPU, and are read from their own tensors when those
+// are on the device (capturable steps; HparamsPlacement in the kernel's header), so that the bias
+// corrections, lr and dual_lr of a CUDA graph replay are the current ones, never the captured ones.
 //
 // The descriptor table is uploaded from pinned memory with an asynchronous copy, and only when it
 // changed since the previous call on the device: in a steady loop (same tensors, same
-// hyperparameters) a step is the kernel alone, which is what CUDA-graph capture after a warm-up
-// step records.  The table and the workspace are per device: steps on different streams of one
-// device must not overlap.
+// hyperparameters or device-resident ones) a step is the kernel alone, which is what CUDA-graph
+// capture after a warm-up step records.  The table and the workspace are per device: steps on
+// different streams of one device must not overlap.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cstring>
+#include <initializer_list>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
@@ -42,7 +47,22 @@ struct DeviceCache {
   at::Tensor table_ids, table_sums, table_counts, finished_blocks;
   std::vector<uint8_t> uploaded_bytes;
   at::Tensor uploaded_host, uploaded_device;
+  // Whether a CUDA graph captured a launch that uses the current workspace (upload).  A graph's
+  // replays keep reading the buffers it captured, so once replaced they are held, never freed: freed,
+  // their memory would go to other tensors (the pinned source of an upload, to other host copies).
+  bool workspace_captured = false, upload_captured = false;
+  std::vector<at::Tensor> held_for_graphs;
 };
+
+// Called before the cache's buffers ``buffers`` are replaced.
+void release(DeviceCache& cache, std::initializer_list<at::Tensor> buffers, bool& captured) {
+  if (captured) {
+    for (const at::Tensor& buffer : buffers) {
+      if (buffer.defined()) cache.held_for_graphs.push_back(buffer);
+    }
+  }
+  captured = false;
+}
 
 // Steps from several host threads take turns: they share the per-device cache.
 std::mutex& cache_mutex() {
@@ -62,6 +82,7 @@ void ensure_workspace(DeviceCache& cache, int64_t capacity, c10::Device device) 
   }
   if (cache.table_ids.defined() && cache.table_ids.numel() >= capacity) return;
   const int64_t grown = std::max<int64_t>(capacity, 2 * (cache.table_ids.defined() ? cache.table_ids.numel() : 0));
+  release(cache, {cache.table_ids, cache.table_sums, cache.table_counts}, cache.workspace_captured);
   cache.table_ids = at::full({grown}, -1, on_device.dtype(at::kLong));  // kEmptySlot
   cache.table_sums = at::zeros({grown}, on_device.dtype(at::kFloat));
   cache.table_counts = at::zeros({grown}, on_device.dtype(at::kFloat));
@@ -76,6 +97,7 @@ const uint8_t* upload(DeviceCache& cache, const HostTable& h, c10::Device device
   std::memcpy(host.data_ptr<uint8_t>(), h.bytes.data(), h.bytes.size());
   at::Tensor on_device = at::empty({size}, at::TensorOptions().dtype(at::kByte).device(device));
   on_device.copy_(host, /*non_blocking=*/true);
+  release(cache, {cache.uploaded_host, cache.uploaded_device}, cache.upload_captured);
   cache.uploaded_bytes = h.bytes;
   cache.uploaded_host = host;
   cache.uploaded_device = on_device;
@@ -101,29 +123,16 @@ at::Tensor fused_step_cuda(at::TensorList params, at::TensorList grads, at::Tens
                            at::TensorList ids, at::TensorList violations, const at::Tensor& dual_hparams,
                            c10::ArrayRef<int64_t> dual_flags, const std::optional<at::Tensor>& grad_scale,
                            const std::optional<at::Tensor>& found_inf) {
-  const StepArguments args{params,
-                           grads,
-                           exp_avgs,
-                           exp_avg_sqs,
-                           max_exp_avg_sqs,
-                           steps,
-                           host_hparams(primal_hparams, "primal_hparams"),
-                           primal_flags,
-                           algorithm,
-                           multipliers,
-                           dual_states,
-                           ids,
-                           violations,
-                           host_hparams(dual_hparams, "dual_hparams"),
-                           dual_flags,
-                           grad_scale,
-                           found_inf};
+  const StepArguments args =
+      make_step_arguments(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, primal_hparams, primal_flags,
+                          algorithm, multipliers, dual_states, ids, violations, dual_hparams, dual_flags, grad_scale,
+                          found_inf);
   const c10::Device device = step_device(args);
   check_step_arguments(args, device);
   const c10::cuda::CUDAGuard guard(device);
   at::Tensor stats = at::empty({args.num_blocks(), kStatsColumns}, at::TensorOptions().dtype(at::kFloat).device(device));
 
-  const HostTable h = describe(args);
+  const HostTable h = describe(args, {primal_hparams.is_cpu(), dual_hparams.is_cpu()});
   const std::lock_guard<std::mutex> lock(cache_mutex());
   DeviceCache& cache = cache_for(device);
   ensure_workspace(cache, h.table_capacity, device);
@@ -134,6 +143,9 @@ at::Tensor fused_step_cuda(at::TensorList params, at::TensorList grads, at::Tens
   TORCH_CHECK(grid < (1ll << 31), "fused_step: too many chunks for one launch");
   fused_step_kernel<<<static_cast<unsigned int>(grid), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(k);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
+    cache.workspace_captured = cache.upload_captured = true;  // a graph now replays this launch
+  }
   bump_versions(args);
   return stats;
 }

@@ -37,7 +37,6 @@ struct TensorDescriptor {
   void* max_exp_avg_sq;
   float* step;
   int64_t numel;
-  double hparams[kPrimalHparams];
   int64_t flags;
   int32_t dtype;
   int32_t has_momentum_buffer;
@@ -52,14 +51,23 @@ struct BlockDescriptor {
   int64_t num_constraints;
   int64_t table_offset;
   int64_t table_capacity;
-  double hparams[kDualHparams];
   int64_t flags;
   int32_t ids_are_int32;
 };
 
-// Where each section of the uploaded descriptor table starts (bytes).
+// Where each section of the uploaded descriptor table starts (bytes).  The hyperparameter sections
+// are empty when the kernel reads them from their tensors (HparamsPlacement).
 struct TableLayout {
-  int64_t tensors, blocks, tensor_chunk_starts, block_chunk_starts, bytes;
+  int64_t tensors, blocks, tensor_chunk_starts, block_chunk_starts, primal_hparams, dual_hparams, bytes;
+};
+
+// Where the kernel reads the hyperparameters (contract.py's float64 values, kPrimalHparams per tensor,
+// kDualHparams per block): copies in the descriptor table, read on the host and uploaded with it when
+// they change; or their own tensors in device memory.  The second is how capturable steps run: the
+// table then stays the same from step to step, and a CUDA graph replay reads the values the tensors
+// hold when it runs (a scheduler's lr written in place), like the step counts and found_inf.
+struct HparamsPlacement {
+  bool primal_in_table, dual_in_table;
 };
 
 // Optional scalar tensors: a device pointer, or the value of a CPU tensor read on the host.
@@ -72,6 +80,8 @@ struct ScalarArgument {
 struct KernelArguments {
   const uint8_t* table;
   TableLayout layout;
+  const double* primal_hparams;
+  const double* dual_hparams;
   int32_t num_tensors, num_blocks;
   int64_t primal_chunks, sample_chunks;
   bool adam;
@@ -107,14 +117,14 @@ __device__ int32_t owner_of(const int64_t* starts, int32_t count, int64_t chunk)
 // Primal chunks
 
 template <typename T>
-__device__ void update_chunk(const TensorDescriptor& t, int64_t begin, int64_t end, bool adam,
+__device__ void update_chunk(const TensorDescriptor& t, const double* hparams, int64_t begin, int64_t end, bool adam,
                              const AdamCoefficients& ac, const SgdCoefficients& sc, float inv_scale) {
   T* param = static_cast<T*>(t.param);
   const T* grad = static_cast<const T*>(t.grad);
   T* exp_avg = static_cast<T*>(t.exp_avg);
   T* exp_avg_sq = static_cast<T*>(t.exp_avg_sq);
   T* max_exp_avg_sq = static_cast<T*>(t.max_exp_avg_sq);
-  const bool decay = t.hparams[primal_slot::kWeightDecay] != 0.0;
+  const bool decay = hparams[primal_slot::kWeightDecay] != 0.0;
   const AdamOptions adam_options{(t.flags & kAmsgrad) != 0, decay && !(t.flags & kDecoupledWeightDecay),
                                  decay && (t.flags & kDecoupledWeightDecay)};
   const SgdOptions sgd_options{decay, t.has_momentum_buffer != 0, (t.flags & kFirstMomentumStep) != 0,
@@ -145,21 +155,22 @@ __device__ void primal_chunk(const KernelArguments& a, int64_t chunk, float inv_
   __shared__ SgdCoefficients sgd_coefficients_shared;
   const int32_t tensor = owner_of(section<int64_t>(a, a.layout.tensor_chunk_starts), a.num_tensors, chunk);
   const TensorDescriptor& t = section<TensorDescriptor>(a, a.layout.tensors)[tensor];
+  const double* hparams = a.primal_hparams + tensor * kPrimalHparams;
   const int64_t begin = (chunk - section<int64_t>(a, a.layout.tensor_chunk_starts)[tensor]) * kChunkElements;
   const int64_t end = min(t.numel, begin + kChunkElements);
   if (threadIdx.x == 0) {
     const bool maximize = t.flags & kMaximize;
     // Every block reads the old count; the finishing block stores the new one.
-    if (a.adam) adam_coefficients_shared = adam_coefficients(t.hparams, maximize, static_cast<double>(*t.step + 1.0f));
-    else sgd_coefficients_shared = sgd_coefficients(t.hparams, maximize);
+    if (a.adam) adam_coefficients_shared = adam_coefficients(hparams, maximize, static_cast<double>(*t.step + 1.0f));
+    else sgd_coefficients_shared = sgd_coefficients(hparams, maximize);
   }
   __syncthreads();
   const AdamCoefficients ac = adam_coefficients_shared;
   const SgdCoefficients sc = sgd_coefficients_shared;
   switch (t.dtype) {
-    case kFloat32: update_chunk<float>(t, begin, end, a.adam, ac, sc, inv_scale); break;
-    case kBFloat16: update_chunk<c10::BFloat16>(t, begin, end, a.adam, ac, sc, inv_scale); break;
-    default: update_chunk<c10::Half>(t, begin, end, a.adam, ac, sc, inv_scale); break;
+    case kFloat32: update_chunk<float>(t, hparams, begin, end, a.adam, ac, sc, inv_scale); break;
+    case kBFloat16: update_chunk<c10::BFloat16>(t, hparams, begin, end, a.adam, ac, sc, inv_scale); break;
+    default: update_chunk<c10::Half>(t, hparams, begin, end, a.adam, ac, sc, inv_scale); break;
   }
 }
 
@@ -176,7 +187,9 @@ __device__ void scatter_chunk(const KernelArguments& a, int64_t chunk) {
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
     const int64_t id = b.ids_are_int32 ? static_cast<int64_t>(static_cast<const int32_t*>(b.ids)[i])
                                        : static_cast<const int64_t*>(b.ids)[i];
-    if (id < 0 || id >= b.num_constraints) continue;  // rejected by the Python layer; never write out of bounds
+    // Padding (kPaddingId) is no sample; other ids out of range are rejected by the Python layer, and
+    // skipped here so that nothing is written out of bounds.
+    if (id < 0 || id >= b.num_constraints) continue;
     const unsigned long long key = static_cast<unsigned long long>(id);
     unsigned long long slot = (key * 0x9E3779B97F4A7C15ull) >> 20;
     while (true) {
@@ -200,7 +213,7 @@ __device__ void finalize(const KernelArguments& a, bool skipped) {
     const BlockDescriptor& b = blocks[j];
     if (threadIdx.x == 0) touched = positive = max_measure_bits = 0;
     __syncthreads();
-    const DualCoefficients c = dual_coefficients(b.hparams, b.flags);
+    const DualCoefficients c = dual_coefficients(a.dual_hparams + j * kDualHparams, b.flags);
     for (int64_t s = threadIdx.x; s < b.table_capacity; s += blockDim.x) {
       const int64_t slot = b.table_offset + s;
       const unsigned long long key = __ldcg(a.table_ids + slot);
@@ -275,21 +288,33 @@ inline int64_t align(int64_t offset) { return (offset + 15) / 16 * 16; }
 struct HostTable {
   std::vector<uint8_t> bytes;
   TableLayout layout;
+  HparamsPlacement hparams;
   int64_t primal_chunks = 0, sample_chunks = 0, table_capacity = 0;
 
   // At least one thread block: the finishing block also writes the statistics of empty blocks.
   int64_t num_thread_blocks() const { return std::max<int64_t>(1, primal_chunks + sample_chunks); }
 };
 
-inline HostTable describe(const StepArguments& a) {
+inline HostTable describe(const StepArguments& a, HparamsPlacement placement) {
   const int64_t n = a.num_tensors(), m = a.num_blocks();
+  const int64_t primal_values = placement.primal_in_table ? n * kPrimalHparams : 0;
+  const int64_t dual_values = placement.dual_in_table ? m * kDualHparams : 0;
   HostTable h;
+  h.hparams = placement;
   h.layout.tensors = 0;
   h.layout.blocks = align(n * sizeof(TensorDescriptor));
   h.layout.tensor_chunk_starts = align(h.layout.blocks + m * sizeof(BlockDescriptor));
   h.layout.block_chunk_starts = align(h.layout.tensor_chunk_starts + n * sizeof(int64_t));
-  h.layout.bytes = align(h.layout.block_chunk_starts + m * sizeof(int64_t));
+  h.layout.primal_hparams = align(h.layout.block_chunk_starts + m * sizeof(int64_t));
+  h.layout.dual_hparams = align(h.layout.primal_hparams + primal_values * sizeof(double));
+  h.layout.bytes = align(h.layout.dual_hparams + dual_values * sizeof(double));
   h.bytes.assign(h.layout.bytes, 0);
+  if (primal_values) {
+    std::memcpy(h.bytes.data() + h.layout.primal_hparams, a.host_primal_hparams(0), primal_values * sizeof(double));
+  }
+  if (dual_values) {
+    std::memcpy(h.bytes.data() + h.layout.dual_hparams, a.host_dual_hparams(0), dual_values * sizeof(double));
+  }
   auto* tensors = reinterpret_cast<TensorDescriptor*>(h.bytes.data() + h.layout.tensors);
   auto* blocks = reinterpret_cast<BlockDescriptor*>(h.bytes.data() + h.layout.blocks);
   auto* tensor_starts = reinterpret_cast<int64_t*>(h.bytes.data() + h.layout.tensor_chunk_starts);
@@ -303,7 +328,6 @@ inline HostTable describe(const StepArguments& a) {
     t.max_exp_avg_sq = a.has_max_exp_avg_sq(i) ? a.max_exp_avg_sqs[i].data_ptr() : nullptr;
     t.step = a.is_adam() ? a.steps[i].data_ptr<float>() : nullptr;
     t.numel = a.params[i].numel();
-    std::memcpy(t.hparams, a.primal_hparams.data() + i * kPrimalHparams, sizeof(t.hparams));
     t.flags = a.primal_flags[i];
     t.dtype = dtype_code(a.params[i].scalar_type());
     t.has_momentum_buffer = a.has_momentum_buffer(i);
@@ -322,7 +346,6 @@ inline HostTable describe(const StepArguments& a) {
     b.num_constraints = a.multipliers[j].numel();
     b.table_offset = h.table_capacity;
     b.table_capacity = table_capacity_for(b.num_samples);
-    std::memcpy(b.hparams, a.dual_hparams.data() + j * kDualHparams, sizeof(b.hparams));
     b.flags = a.dual_flags[j];
     block_starts[j] = h.sample_chunks;
     h.sample_chunks += ceil_div(b.num_samples, kChunkSamples);
@@ -332,8 +355,9 @@ inline HostTable describe(const StepArguments& a) {
 }
 
 // Everything the kernel reads, for the step ``h`` describes: its descriptor table where the kernel can
-// read it, the optional scalars, the workspace (touched-id table, its sums and counts, the finishing
-// ticket) and the statistics to write.  The CUDA launcher and the CPU emulation of the tests share it.
+// read it, the hyperparameters (in that table, or their tensors, as ``h`` places them), the optional
+// scalars, the workspace (touched-id table, its sums and counts, the finishing ticket) and the
+// statistics to write.  The CUDA launcher and the CPU emulation of the tests share it.
 inline KernelArguments kernel_arguments(const HostTable& h, const StepArguments& a, const uint8_t* table,
                                         ScalarArgument grad_scale, ScalarArgument found_inf,
                                         const at::Tensor& table_ids, const at::Tensor& table_sums,
@@ -342,6 +366,10 @@ inline KernelArguments kernel_arguments(const HostTable& h, const StepArguments&
   KernelArguments k;
   k.table = table;
   k.layout = h.layout;
+  k.primal_hparams = h.hparams.primal_in_table ? reinterpret_cast<const double*>(table + h.layout.primal_hparams)
+                                               : a.primal_hparams.const_data_ptr<double>();
+  k.dual_hparams = h.hparams.dual_in_table ? reinterpret_cast<const double*>(table + h.layout.dual_hparams)
+                                           : a.dual_hparams.const_data_ptr<double>();
   k.num_tensors = static_cast<int32_t>(a.num_tensors());
   k.num_blocks = static_cast<int32_t>(a.num_blocks());
   k.primal_chunks = h.primal_chunks;

@@ -49,6 +49,9 @@ enum PrimalFlag : int64_t {
 
 enum DualFlag : int64_t { kMean = 1, kNupi = 2, kRestart = 4, kFrozen = 8, kRunning = 16 };
 
+// An entry of ids that is no sample (contract.py): ignored by the dual update.
+constexpr int64_t kPaddingId = -1;
+
 // torch.maximum and clamp propagate NaN; std::fmax / fminf do not.
 FL_INLINE float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
 FL_INLINE float nan_clamp(float x, float lower, float upper) {

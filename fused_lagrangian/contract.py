@@ -13,9 +13,12 @@ Primal side, one entry per parameter tensor ``i`` (lists aligned with ``params``
     exp_avg_sqs[i]          Adam: second moment. SGD: the list is empty
     max_exp_avg_sqs[i]      Adam: running max of the second moment (numel 0 without amsgrad). SGD: empty
     steps[i]                Adam: 0-dim float32 step count, incremented by the call. SGD: empty
-    primal_hparams          1-D float64 CPU tensor, PRIMAL_HPARAMS values per tensor: lr, beta1|momentum,
+    primal_hparams          1-D float64 tensor, PRIMAL_HPARAMS values per tensor: lr, beta1|momentum,
                             beta2|dampening, eps, weight_decay (a tensor, so that a scheduler's tensor
-                            lr reaches the kernel without a host read; ``hparams_tensor`` builds it)
+                            lr reaches the kernel without a host read; ``hparams_tensor`` builds it).
+                            On the CPU, or on a CUDA step's device: the CUDA kernel then reads it there,
+                            so a CUDA graph replays with the values it holds (capturable steps; the
+                            native CUDA kernel takes SGD's on the CPU, where momentum decides the state)
     primal_flags            one int per tensor, a bitmask of the PrimalFlag bits
     algorithm               Algorithm.SGD or Algorithm.ADAM
 
@@ -28,14 +31,15 @@ Dual side, one entry per constraint block ``j`` with K_j constraints:
                               RUNNING  S, the running violation sum, then N, the running sample count
                             numel 0 when R_j = 0; a (K_j,) tensor stands for (1, K_j); not read
                             with FROZEN
-    ids[j]                  (B_j,) int64 constraint id of each pending sample, duplicates allowed
+    ids[j]                  (B_j,) int64 constraint id of each pending sample, duplicates allowed; -1 marks
+                            padding, an entry that is no sample (what a grouped block records for the
+                            empty slots of (B, M) memberships: a static shape), and is ignored
     violations[j]           (B_j,) fp32 per-sample violation e_i = s * (v_i - bound), already signed
-    dual_hparams            1-D float64 CPU tensor, DUAL_HPARAMS values per block: lr, kp, ki, nu, damping,
-                            lower, upper,
-                            decay
+    dual_hparams            1-D float64 tensor, DUAL_HPARAMS values per block: lr, kp, ki, nu, damping,
+                            lower, upper, decay; on the CPU or the step's device, as primal_hparams
     dual_flags              one int per block, a bitmask of the DualFlag bits
 
-For each block, only the constraints k that occur in ids[j] ("touched") change:
+For each block, only the constraints k that occur in ids[j] ("touched") change (padding touches none):
 
     sum_k, n_k = sum of e_i over samples with id k, their number
     g_k  = sum_k                                       (MEAN flag: sum_k / n_k)
@@ -95,6 +99,7 @@ class DualSlot(enum.IntEnum):
 
 
 PRIMAL_HPARAMS = len(PrimalSlot)
+PADDING_ID = -1  # an entry of ids that is no sample
 DUAL_HPARAMS = len(DualSlot)
 STATS_COLUMNS = 3
 
@@ -142,6 +147,19 @@ class DualFlag(enum.IntFlag):
     RESTART = 4
     FROZEN = 8
     RUNNING = 16
+
+
+def is_dense(tensor: Tensor) -> bool:
+    """What "dense" means above: non-overlapping and without gaps, contiguous in some order of the dimensions
+    (size-1 ones aside), so an elementwise kernel can walk the storage in memory order."""
+    if tensor.is_contiguous():
+        return True
+    expected = 1
+    for size, stride in sorted(zip(tensor.shape, tensor.stride()), key=lambda dim: dim[1]):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def dual_state_rows(flags: int) -> tuple[int, int]:

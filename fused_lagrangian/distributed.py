@@ -89,11 +89,11 @@ class DataParallelReduction:
     agree = sum
 
     def group_totals(self, ids: Tensor, num_constraints: int, dtype: torch.dtype,
-                     values: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+                     values: Optional[Tensor] = None, padded: bool = False) -> tuple[Tensor, Optional[Tensor]]:
         """Gathers every rank's (id, value) entries, O(global batch), never a K-sized buffer."""
         columns = [ids.double()] + ([] if values is None else [values.double()])
         all_columns, offset = self._gather_rows(torch.stack(columns, 1))
-        groups = segments(all_columns[:, 0].long(), num_constraints, torch.float64)
+        groups = segments(all_columns[:, 0].long(), num_constraints, torch.float64, padded=padded)
         mine = groups.of_entry[offset : offset + ids.numel()]
         counts = groups.counts[mine].to(dtype)
         sums = None if values is None else groups.sums(all_columns[:, 1])[mine].to(dtype)

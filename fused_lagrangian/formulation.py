@@ -53,8 +53,9 @@ class Reduction(Protocol):
         """The sum over ranks of a small float64 tensor."""
 
     def group_totals(self, ids: Tensor, num_constraints: int, dtype: torch.dtype,
-                     values: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
-        """For each local entry: (entries with its id, sum of ``values`` over them), over all ranks."""
+                     values: Optional[Tensor] = None, padded: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+        """For each local entry: (entries with its id, sum of ``values`` over them), over all ranks.
+        ``padded``: ids may be -1 (``grouping.segments``)."""
 
     def agree(self, status: Tensor) -> Tensor:
         """The sum over ranks of the [invalid, non-finite, ...] status vector, read on the host."""
@@ -70,8 +71,8 @@ class LocalReduction:
     def sum(self, tensor: Tensor) -> Tensor:
         return tensor
 
-    def group_totals(self, ids, num_constraints, dtype, values=None):
-        groups = segments(ids, num_constraints, dtype, with_ids=False)
+    def group_totals(self, ids, num_constraints, dtype, values=None, padded=False):
+        groups = segments(ids, num_constraints, dtype, with_ids=False, padded=padded)
         return groups.per_entry(groups.counts), None if values is None else groups.per_entry(groups.sums(values))
 
     def agree(self, status: Tensor) -> Tensor:
@@ -111,7 +112,8 @@ class Measured:
     recording: Recording
     primal: Tensor  # the values in the compute dtype (fp32 or wider)
     violations: Tensor  # signed, differentiable, one per entry
-    ids: Tensor  # one per entry, in range
+    ids: Tensor  # one per entry, in range, or -1 where padded
+    padded: bool  # (B, M) ids: entries of -1 (padding) carry violation 0
 
 
 class Formulation:
@@ -178,10 +180,12 @@ class Formulation:
 
     @staticmethod
     def memberships(ids: Tensor) -> tuple[Tensor, Tensor]:
-        """(group id, sample) of each membership of (B, M) ids padded with -1, in row order."""
-        keep = ids >= 0  # a data-dependent size: one host sync on accelerators, a graph break in compile
+        """(group id, sample) of each slot of (B, M) ids, in row order, padding (-1) included: kept rather
+        than dropped (a data-dependent size: a host sync on accelerators, a graph break in compile), it
+        carries violation 0 (``signed``), counts in no group (``grouping.segments``), and the step
+        ignores it (contract.PADDING_ID)."""
         samples = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1).expand_as(ids)
-        return ids[keep], samples[keep]
+        return ids.reshape(-1), samples.reshape(-1)
 
     # ----------------------------------------------------------------------------------------------
 
@@ -234,7 +238,7 @@ class Formulation:
                 code = None
         # Recorded ids must not alias the caller's buffer: reusing it before step() must not redirect the update.
         owned_ids = entry_ids.clone() if entry_ids is ids else entry_ids
-        return Measured(Recording(owned_ids, recorded, code), primal, violations, entry_ids)
+        return Measured(Recording(owned_ids, recorded, code), primal, violations, entry_ids, samples is not None)
 
     def uses_fused_forward(self) -> bool:
         """Whether ``fused_forward`` computes this block's calls (when the backend has the op, one process)."""
@@ -289,13 +293,18 @@ class Formulation:
     # Violations
 
     def signed(self, values: Tensor, ids: Tensor, samples: Optional[Tensor], overall: Optional[Tensor]) -> Tensor:
-        """s * (v - overall - b_k) for each entry."""
+        """s * (v - overall - b_k) for each entry; 0 for padding (``memberships``)."""
         if overall is not None:
             values = values - overall
         if samples is not None:
             values = values[samples]
         bound = self.bound[ids] if isinstance(self.bound, Tensor) else self.bound
-        return bound - values if self.sign < 0 else values - bound
+        return self._without_padding(bound - values if self.sign < 0 else values - bound, ids, samples is not None)
+
+    @staticmethod
+    def _without_padding(per_entry: Tensor, ids: Tensor, padded: bool) -> Tensor:
+        """``per_entry`` with 0 for the padding entries (id -1) of (B, M) ids: they add nothing anywhere."""
+        return torch.where(ids >= 0, per_entry, 0.0) if padded else per_entry
 
     def _overall_means(self, reduction: Reduction, primal: Tensor,
                        dual: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
@@ -322,11 +331,13 @@ class Formulation:
             if self.kind == "indexed":
                 term = lagrangian_term(violations, ids, multipliers, use_triton=uses_triton)
                 return term if world == 1 else world * term
-            counts, _ = reduction.group_totals(ids, self.num_constraints, violations.dtype)
+            counts, _ = reduction.group_totals(ids, self.num_constraints, violations.dtype, padded=measured.padded)
             weights = counts.reciprocal() if world == 1 else world / counts
-            term = lagrangian_term(violations, ids, multipliers, weights, use_triton=uses_triton)
+            # Padding's multiplier: any in range (its violation is 0); Triton's gather does not wrap -1 as torch's.
+            gathered_ids = ids.clamp(min=0) if measured.padded else ids
+            term = lagrangian_term(violations, gathered_ids, multipliers, weights, use_triton=uses_triton)
             if self.to_overall and not reduction.is_local:
-                slopes = multipliers.detach()[ids].to(counts.dtype)
+                slopes = self._without_padding(multipliers.detach()[ids].to(counts.dtype), ids, measured.padded)
                 term = term + self._overall_mean_gradient(reduction, primal, (slopes / counts).sum())
             return term
         if self.kind == "indexed":
@@ -337,13 +348,13 @@ class Formulation:
         if reduction.is_local:
             if self.kind == "dense":
                 return self.penalty_values(multipliers.detach().to(violations.dtype), violations).sum()
-            groups = segments(ids, self.num_constraints, violations.dtype)
+            groups = segments(ids, self.num_constraints, violations.dtype, padded=measured.padded)
             g = groups.sums(violations) / groups.counts.clamp(min=1)
             return self.penalty_values(multipliers.detach()[groups.ids].to(g.dtype), g).sum()
-        return self._global_penalty(primal, violations, ids, multipliers, reduction)
+        return self._global_penalty(primal, violations, ids, multipliers, reduction, measured.padded)
 
     def _global_penalty(self, primal: Tensor, violations: Tensor, ids: Tensor, multipliers: Tensor,
-                        reduction: Reduction) -> Tensor:
+                        reduction: Reduction, padded: bool) -> Tensor:
         """Data parallel: the penalty of the global estimates; its gradient is W x this rank's share."""
         world = reduction.world_size
         lam = multipliers.detach()[ids].to(violations.dtype)
@@ -353,8 +364,8 @@ class Formulation:
             term = self.penalty_values(lam, estimate).sum()
             return term.detach() + world * (term - term.detach())
         global_counts, global_sums = reduction.group_totals(ids, self.num_constraints, violations.dtype,
-                                                            violations.detach())
-        groups = segments(ids, self.num_constraints, violations.dtype)
+                                                            violations.detach(), padded)
+        groups = segments(ids, self.num_constraints, violations.dtype, padded=padded)
         local_sums = groups.per_entry(groups.sums(violations))
         local_counts = groups.per_entry(groups.counts)
         g = global_sums / global_counts + (local_sums - local_sums.detach()) / global_counts
@@ -364,7 +375,7 @@ class Formulation:
         carrier = (per_entry / local_counts).sum()
         term = value + world * (carrier - carrier.detach())
         if self.to_overall:
-            slopes = self.penalty_slopes(lam, g.detach())
+            slopes = self._without_padding(self.penalty_slopes(lam, g.detach()), ids, padded)
             term = term + self._overall_mean_gradient(reduction, primal, (slopes / global_counts).sum())
         return term
 

@@ -36,14 +36,16 @@ class Segments:
 
 
 def segments(ids: Tensor, num_constraints: int, count_dtype: torch.dtype = torch.float32,
-             with_ids: bool = True) -> Segments:
+             with_ids: bool = True, padded: bool = False) -> Segments:
     """Groups ``ids`` (1-D, values in [0, num_constraints)) into segments of equal id.
 
     ``with_ids=False``: the caller needs counts and sums only (``Segments.ids`` may then be None).
+    ``padded``: ids may also be -1, padding entries (contract.PADDING_ID) that belong to no constraint:
+    they form a segment of their own, of id -1 (the sorted layout; the table one has no slot for them).
     """
     num_entries = ids.numel()
     ones = torch.ones(num_entries, dtype=count_dtype, device=ids.device)
-    if num_constraints <= num_entries:
+    if num_constraints <= num_entries and not padded:
         counts = torch.zeros(num_constraints, dtype=count_dtype, device=ids.device).index_add_(0, ids, ones)
         return Segments(ids, torch.arange(num_constraints, device=ids.device) if with_ids else None, counts)
     sorted_ids, order = torch.sort(ids)

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .backends import reference
-from .contract import PRIMAL_HPARAMS, STATS_COLUMNS, Algorithm
+from .contract import PRIMAL_HPARAMS, STATS_COLUMNS, Algorithm, is_dense
 
 KERNEL_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
 _DTYPE = operator.attrgetter("dtype")
@@ -148,22 +148,11 @@ def _fit_as_they_are_traced(primal: tuple, algorithm: int) -> bool:
     return True
 
 
-def is_dense(tensor: Tensor) -> bool:
-    """Non-overlapping and without gaps: contiguous in some order of the dimensions (size-1 ones aside)."""
-    if tensor.is_contiguous():
-        return True
-    expected = 1
-    for size, stride in sorted(zip(tensor.shape, tensor.stride()), key=lambda dim: dim[1]):
-        if size != 1 and stride != expected:
-            return False
-        expected *= size
-    return True
-
-
 def _select(primal: tuple, algorithm: int, indices: list[int]) -> tuple:
     """The primal lists restricted to ``indices``."""
     lists: tuple[list, ...] = tuple([] for _ in range(_PRIMAL_LISTS))
     is_adam = algorithm == Algorithm.ADAM
+    hparams = primal[6]
     for i in indices:
         lists[0].append(primal[0][i])
         lists[1].append(primal[1][i])
@@ -172,9 +161,14 @@ def _select(primal: tuple, algorithm: int, indices: list[int]) -> tuple:
             lists[3].append(primal[3][i])
             lists[4].append(primal[4][i])
             lists[5].append(primal[5][i])
-        lists[6].extend(primal[6][i * PRIMAL_HPARAMS:(i + 1) * PRIMAL_HPARAMS])
+        lists[6].append(hparams[i * PRIMAL_HPARAMS:(i + 1) * PRIMAL_HPARAMS])
         lists[7].append(primal[7][i])
-    return lists
+    if isinstance(hparams, Tensor):
+        # Kept where it is (a capturable step's table on the device): gathered there, never read on the host.
+        selected = torch.cat(lists[6]) if indices else hparams[:0]
+    else:
+        selected = [value for entry in lists[6] for value in entry]
+    return lists[:6] + (selected,) + lists[7:]
 
 
 def _kernel_inputs(primal: tuple, algorithm: int, indices: list[int]) -> tuple[tuple, list[tuple[Tensor, Tensor]]]:

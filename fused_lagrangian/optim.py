@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import itertools
 import numbers
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 from torch import Tensor
 
 from . import backends, distributed, layouts
 from .constraints import ConstraintBlock, ConstraintSpec
-from .contract import Algorithm, FusedStepArguments, PrimalFlag, hparams_tensor
+from .contract import DUAL_HPARAMS, PRIMAL_HPARAMS, Algorithm, FusedStepArguments, PrimalFlag, hparams_tensor
 from .formulation import LOCAL, BlockContext, Recording, Reduction
 from .validation import VALIDATION_MODES, is_deferred
 
@@ -43,6 +43,62 @@ def _hparam(value):
     """A hyperparameter for ``contract.hparams_tensor``: a tensor (a scheduler's lr, updated in place) stays a
     tensor, read by the step through tensor ops at every step, never cached nor read on the host."""
     return value if isinstance(value, Tensor) else float(value)
+
+
+# Device types whose capturable steps keep the hyperparameters on the device, where the kernel reads them.
+HPARAMS_ON_DEVICE = frozenset({"cuda"})
+
+# Hyperparameters as the optimizer gathers them: runs of entries (a param group's tensors, a block), each
+# run (its number of entries, the values of one entry in contract order: floats and tensors).
+HparamRuns = list[tuple[int, list]]
+
+
+def _flat_hparams(runs: HparamRuns) -> list:
+    """The values of every entry, in order: what ``contract.hparams_tensor`` takes."""
+    return [value for count, values in runs for _ in range(count) for value in values]
+
+
+class _DeviceHparams:
+    """contract.py's hyperparameter tensor kept on a CUDA step's device and updated in place (capturable steps).
+
+    The CUDA kernel reads it there (HparamsPlacement in csrc/fused_step_cuda_kernel.cuh), so a CUDA graph
+    replays with the values it holds then.  Each run is written by one kernel on a strided view of the
+    table, never by a host-to-device copy (a sync, and a copy from host memory that a graph would replay
+    stale): a tensor value on the table's device (a scheduler's tensor lr, changed in place) is copied in
+    at every step, which a graph records and replays; a float (or a CPU tensor, read on the host: no
+    device sync) is written only when it changed, so a steady loop writes nothing, and a graph captures it
+    as a constant, as torch's capturable Adam does with a float lr.  A new layout (a tensor gained or lost
+    its gradient) allocates a new table: a graph is captured in a steady loop, where the layout stays.
+    """
+
+    def __init__(self, width: int) -> None:
+        self.width = width
+        self.table: Optional[Tensor] = None
+        self._layout: tuple = ()
+        self._written: list[list[Optional[float]]] = []  # per run and slot: the float last written there
+
+    def update(self, runs: HparamRuns, device: torch.device) -> Tensor:
+        layout = (device, tuple(count for count, _ in runs))
+        if layout != self._layout:
+            entries = sum(count for count, _ in runs)
+            self.table = torch.empty(entries * self.width, dtype=torch.float64, device=device)
+            self._layout = layout
+            self._written = [[None] * self.width for _ in runs]
+        rows = self.table.view(-1, self.width)
+        start = 0
+        for (count, values), written in zip(runs, self._written):
+            run = rows[start:start + count]
+            start += count
+            for slot, value in enumerate(values):
+                if isinstance(value, Tensor) and value.device == self.table.device:
+                    run[:, slot].copy_(value.detach().reshape(()))
+                    written[slot] = None
+                    continue
+                number = float(value)
+                if written[slot] != number:
+                    run[:, slot].fill_(number)
+                    written[slot] = number
+        return self.table
 
 
 class _InputErrors:
@@ -82,6 +138,8 @@ class LagrangianOptimizer(torch.optim.Optimizer):
         self.constraints: dict[str, ConstraintBlock] = {}
         self._implementations: dict[tuple[str, str], tuple[str, Callable]] = {}
         self._native_forward_by_device: dict[str, bool] = {}
+        # Capturable steps on CUDA: the hyperparameter tables kept on the device (see _hparams_for).
+        self._device_hparams: dict[tuple, _DeviceHparams] = {}
         self._input_errors = _InputErrors()
         self._block_context = BlockContext(reduction=self._reduction, deferred_checks=self._deferred_checks,
                                            uses_triton=self._uses_triton, native_forward=self._native_forward,
@@ -106,6 +164,7 @@ class LagrangianOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("process_group", None)
         self._implementations = {}  # resolved again on first use: backend functions are not state
         self._native_forward_by_device = {}
+        self._device_hparams = {}
 
     # ----------------------------------------------------------------------------------------------
     # Constraint blocks
@@ -249,11 +308,10 @@ class LagrangianOptimizer(torch.optim.Optimizer):
         if input_errors is not None:
             skip = (input_errors > 0).float().reshape(1)
             found_inf = skip if found_inf is None else found_inf + skip.to(found_inf.device)
-        hparams, flags = [], []
-        for block in blocks:
-            hparams += block.spec.dual_hparams
-            flags.append(block.spec.dual_flags)
         device = primal[0][0].device if primal[0] else blocks[0].device
+        flags = [block.spec.dual_flags for block in blocks]
+        hparams = self._hparams_for(("dual", *(block.name for block in blocks)),
+                                    [(1, block.spec.dual_hparams) for block in blocks], DUAL_HPARAMS, device)
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, primal_hparams, primal_flags = primal
         arguments = FusedStepArguments(
             params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, max_exp_avg_sqs=max_exp_avg_sqs,
@@ -266,6 +324,16 @@ class LagrangianOptimizer(torch.optim.Optimizer):
         for row, block in enumerate(blocks):
             block.last_stats = (stats, row)
 
+    def _hparams_for(self, key: tuple, runs: HparamRuns, width: int, device: torch.device) -> Union[list, Tensor]:
+        """The hyperparameters of a step on ``device``: for a capturable optimizer on CUDA, the table ``key``
+        kept on the device and updated in place (``_DeviceHparams``), else the values, for ``hparams_tensor``."""
+        if device.type not in HPARAMS_ON_DEVICE or not any(group.get("capturable") for group in self.param_groups):
+            return _flat_hparams(runs)
+        table = self._device_hparams.get(key)
+        if table is None:
+            table = self._device_hparams[key] = _DeviceHparams(width)
+        return table.update(runs, device)
+
     def _resolved(self, device: torch.device) -> tuple[str, Callable]:
         """The backend's name and ``fused_step`` for this device, resolved once: the probes cost more than a
         small step."""
@@ -277,23 +345,28 @@ class LagrangianOptimizer(torch.optim.Optimizer):
         return resolved
 
     def _gather_primal(self) -> tuple:
-        """Lists in contract order: params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hparams, flags."""
-        lists: tuple[list, ...] = ([], [], [], [], [], [], [], [])
-        hparams, flags = lists[6], lists[7]
+        """Contract order: the lists params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, then the
+        hyperparameters (``_hparams_for``) and the flags."""
+        lists: tuple[list, ...] = ([], [], [], [], [], [])
+        flags: list[int] = []
+        runs: HparamRuns = []
         self._seeded_this_step: set[int] = set()
         self._this_step_skipped: Optional[bool] = None
         # (state dict, keys) created for this step: removed again if the step raises.
         self._created_state: list[tuple[dict, tuple[str, ...]]] = []
         for group in self.param_groups:
             group_hparams, group_flag = self._group_options(group)
+            gathered = len(flags)
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 flags.append(group_flag | self._append_state(lists, p, group, self.state[p]))
-                hparams += group_hparams
-        return distributed.local_shards(lists)
+            if len(flags) > gathered:
+                runs.append((len(flags) - gathered, group_hparams))
+        hparams = self._hparams_for(("primal",), runs, PRIMAL_HPARAMS, lists[0][0].device) if runs else []
+        return distributed.local_shards(lists + (hparams, flags))
 
     def _group_options(self, group: dict) -> tuple[list[float], int]:
         """The group's hyperparameters in contract order and its ``PrimalFlag`` bits."""

@@ -1,5 +1,6 @@
 """torch.compile: a loss with dense, indexed and grouped blocks, and the optimizer step driven by a scheduler's
-tensor lr, both traced whole (fullgraph=True), without recompiles once warm, equal to eager."""
+tensor lr, both traced whole (fullgraph=True), without recompiles once warm, equal to eager; on the native
+backend (its C++ op) and on the reference (one custom op running the reference as eager, custom_op.py)."""
 
 from __future__ import annotations
 
@@ -12,15 +13,16 @@ import torch._dynamo
 from fused_lagrangian import ConstraintInputError, LagrangianAdam, backends
 
 STEPS = 50
-pytestmark = pytest.mark.skipif(backends.unavailable_reason("native", "cpu") is not None,
-                                reason="the compiled step runs the native op (the reference reads floats on the host)")
+NATIVE = pytest.param("native", marks=pytest.mark.skipif(backends.unavailable_reason("native", "cpu") is not None,
+                                                         reason="the native extension is not built"))
+BACKENDS = [NATIVE, "reference"]
 
 
-def build(tensor_lr: bool = True):
+def build(backend: str = "native", tensor_lr: bool = True):
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
     lr = torch.tensor(1e-2) if tensor_lr else 1e-2
-    optimizer = LagrangianAdam(model.parameters(), lr=lr, backend="native")
+    optimizer = LagrangianAdam(model.parameters(), lr=lr, backend=backend)
     optimizer.add_constraint("dense", num_constraints=2, dual_lr=0.1)
     optimizer.add_constraint("rows", kind="indexed", num_constraints=64, dual_lr=0.1, bound=0.1)
     optimizer.add_constraint("groups", kind="grouped", num_constraints=3, dual_lr=0.1, bound=-0.05, to_overall=True)
@@ -45,8 +47,8 @@ def loss_of(model, optimizer):
     return loss_fn
 
 
-def train(compile_loss: bool, compile_step: bool) -> list[torch.Tensor]:
-    model, optimizer, scheduler = build()
+def train(backend: str, compile_loss: bool, compile_step: bool) -> list[torch.Tensor]:
+    model, optimizer, scheduler = build(backend)
     loss_fn = loss_of(model, optimizer)
     if compile_loss:
         loss_fn = torch.compile(loss_fn, fullgraph=True)
@@ -78,19 +80,21 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("compile_loss, compile_step", [(True, False), (False, True), (True, True)])
-def test_compiled_loss_and_step_equal_eager_without_graph_breaks_or_recompiles(compile_loss, compile_step):
-    eager = train(False, False)
+def test_compiled_loss_and_step_equal_eager_without_graph_breaks_or_recompiles(backend, compile_loss, compile_step):
+    eager = train(backend, False, False)
     torch._dynamo.utils.counters.clear()
-    compiled = train(compile_loss, compile_step)
+    compiled = train(backend, compile_loss, compile_step)
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     assert not torch._dynamo.utils.counters["graph_break"]
     assert all(x.abs().sum() > 0 for x in eager[2:])  # every block's multipliers moved
 
 
-def test_bad_input_in_a_compiled_loss_raises_at_the_next_step_and_changes_nothing():
-    model, optimizer, _ = build()
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_input_in_a_compiled_loss_raises_at_the_next_step_and_changes_nothing(backend):
+    model, optimizer, _ = build(backend)
     loss_fn = torch.compile(loss_of(model, optimizer), fullgraph=True)
     loss_fn(*batch(0)).backward()
     optimizer.step()
@@ -135,3 +139,48 @@ def test_capturable_adam_is_accepted_and_equals_eager_on_the_cpu():
         results.append([p.detach().clone() for p in model.parameters()] + [block.multipliers.clone()])
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def memberships_batch(step: int):
+    """16 samples, each in up to two of 3 groups: (B, M) ids padded with -1 at places that change every batch."""
+    generator = torch.Generator().manual_seed(100 + step)
+    ids = torch.randint(0, 3, (16, 2), generator=generator)
+    return torch.randn(16, 4, generator=generator), ids.masked_fill(torch.rand(16, 2, generator=generator) < 0.3, -1)
+
+
+def train_with_memberships(backend: str, compiled: bool) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    optimizer = LagrangianAdam(model.parameters(), lr=1e-2, backend=backend)
+    block = optimizer.add_constraint("groups", kind="grouped", num_constraints=3, dual_lr=0.5, bound=-0.05,
+                                     to_overall=True)
+
+    def loss_fn(x, ids):
+        out = model(x).flatten()
+        return ((out - 1) ** 2).mean() + block(torch.sigmoid(out), ids=ids)
+
+    step = optimizer.step
+    if compiled:
+        loss_fn = torch.compile(loss_fn, fullgraph=True)
+        raw = type(optimizer).step
+        step = torch.compile(lambda: raw(optimizer), fullgraph=True)
+    for i in range(12):
+        torch._dynamo.config.error_on_recompile = compiled and i >= 2
+        loss_fn(*memberships_batch(i)).backward()
+        step()
+        optimizer.zero_grad()
+    torch._dynamo.config.error_on_recompile = False
+    return [p.detach().clone() for p in model.parameters()] + [block.multipliers.clone()]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_padded_memberships_compile_whole_and_equal_eager(backend):
+    """(B, M) group ids padded with -1 make no data-dependent shape (the padding is kept as entries of weight 0,
+    which the step ignores): the loss and the step trace whole, and moving padding is no recompile."""
+    eager = train_with_memberships(backend, compiled=False)
+    torch._dynamo.utils.counters.clear()
+    compiled = train_with_memberships(backend, compiled=True)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert not torch._dynamo.utils.counters["graph_break"]
+    assert (eager[-1] > 0).all()  # every group's multiplier moved

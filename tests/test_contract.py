@@ -59,6 +59,11 @@ def test_cpp_hyperparameter_slots_agree(namespace, slots):
     assert _cpp_namespace(namespace) == _members(slots)
 
 
+def test_cpp_padding_id_agrees():
+    assert re.search(r"constexpr int64_t kPaddingId = (-?\d+);", (CSRC / "step_math.h").read_text()).group(1) == \
+        str(contract.PADDING_ID)
+
+
 def test_cpp_sizes_agree():
     sizes = {name: int(value) for name, value in
              re.findall(r"constexpr int (k\w+) = (\d+);", (CSRC / "step_math.h").read_text())}
@@ -67,13 +72,22 @@ def test_cpp_sizes_agree():
     assert sizes["kStatsColumns"] == STATS_COLUMNS
 
 
-@pytest.mark.parametrize("source", [CSRC / "fused_step.cpp", ROOT / "tests" / "backends" / "cuda_emulation.cpp"])
-def test_operator_schema_spells_the_argument_layout(source):
-    schema = re.search(r'"fused_step\((.*?)\) -> Tensor"', re.sub(r'"\s*\n\s*"', "", source.read_text()), re.S)
-    assert schema, f"no fused_step schema in {source}"
+def test_operator_schema_spells_the_argument_layout():
+    header = re.sub(r'"\s*\\?\n\s*"', "", (CSRC / "fused_step.h").read_text())
+    schema = re.search(r'#define FUSED_STEP_SCHEMA_ARGUMENTS\s*\\?\s*"\((.*?)\) -> Tensor"', header, re.S)
+    assert schema, "no FUSED_STEP_SCHEMA_ARGUMENTS in csrc/fused_step.h"
     names = [argument.split("=")[0].split()[-1] for argument in schema.group(1).split(",")]
     assert names == list(FusedStepArguments._fields)
     assert "Tensor primal_hparams" in schema.group(1) and "Tensor dual_hparams" in schema.group(1)
+
+
+@pytest.mark.parametrize("source", [CSRC / "fused_step.cpp", ROOT / "tests" / "backends" / "cuda_emulation.cpp"])
+def test_operator_declarations_use_the_schema(source):
+    declarations = re.findall(r'm\.def\("(\w+)"\s*(\w*)', source.read_text())
+    assert declarations, f"no operator declared in {source}"
+    for name, schema in declarations:
+        if name.startswith("fused_step"):
+            assert schema == "FUSED_STEP_SCHEMA_ARGUMENTS", f"{source.name}: {name} has a schema of its own"
 
 
 def test_python_backends_take_the_argument_layout():
@@ -108,3 +122,14 @@ def test_hparams_tensor_keeps_tensor_entries_as_data():
     assert table.dtype == torch.float64 and table.tolist() == [0.5, 0.9, 0.999, 1e-8, 0.0] * 2
     lr.fill_(0.25)  # a scheduler
     assert contract.hparams_tensor([lr, 0.9])[PrimalSlot.LR] == 0.25
+
+
+def test_is_dense_means_contiguous_in_some_order_of_the_dimensions():
+    import torch
+
+    x = torch.zeros(2, 3, 4, 5)
+    assert contract.is_dense(x) and contract.is_dense(x.transpose(1, 3))
+    assert contract.is_dense(x.to(memory_format=torch.channels_last))
+    assert contract.is_dense(torch.zeros(6).as_strided((2, 1, 3), (1, 7, 2)))  # a size-1 dimension's stride is unused
+    assert not contract.is_dense(x[:, :, ::2])  # gaps
+    assert not contract.is_dense(torch.zeros(4, 1).expand(4, 3))  # overlap

@@ -3,7 +3,8 @@
 Readable first: one loop over parameter tensors doing what torch.optim's single-tensor SGD / Adam do
 (the same operations in the same order, so results agree with torch.optim), then one pass over the
 constraint blocks.  Every fast backend is tested against this file.  See ``contract.py`` for the
-argument layout.
+argument layout.  Under torch.compile the step is one opaque op (custom_op.py) that runs this code as
+it is: no graph break, no recompile when a tensor lr changes, the eager results.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..contract import DUAL_HPARAMS, PRIMAL_HPARAMS, STATS_COLUMNS, Algorithm, DualFlag, PrimalFlag, dual_state_rows
+from ..contract import (DUAL_HPARAMS, PADDING_ID, PRIMAL_HPARAMS, STATS_COLUMNS, Algorithm, DualFlag, PrimalFlag,
+                        dual_state_rows)
+from .custom_op import as_custom_op
 from .registry import Backend, register
 
 
-def fused_step(
+def _step(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
@@ -56,6 +59,11 @@ def fused_step(
             hp = dual_hparams[j * DUAL_HPARAMS : (j + 1) * DUAL_HPARAMS]
             stats[j] = _dual_ascent(lam, dual_states[j], ids[j], violations[j], hp, DualFlag(dual_flags[j]))
     return stats
+
+
+# contract.py's fused_step; traced by torch.compile, the custom op fused_lagrangian::fused_step_reference,
+# whose body reads hyperparameters and counts on the host and reduces by torch.unique, as eager.
+fused_step = as_custom_op("fused_step_reference", _step, body_bumps_versions=True)
 
 
 def _floats(hparams) -> list[float]:
@@ -126,6 +134,8 @@ def _sgd(param, grad, momentum_buffer, *, hp, flags) -> None:
 def _dual_ascent(lam: Tensor, state: Tensor, ids: Tensor, violations: Tensor, hp, flags: DualFlag) -> Tensor:
     """Projected ascent of the touched multipliers of one block; returns its statistics row."""
     lr, kp, ki, nu, damping, lower, upper, decay = hp
+    samples = ids != PADDING_ID
+    ids, violations = ids[samples], violations[samples]
     if ids.numel() == 0:
         return torch.zeros(STATS_COLUMNS, dtype=torch.float32, device=lam.device)
     touched, slot = torch.unique(ids, return_inverse=True)

@@ -11,7 +11,7 @@ below are reasoned, not measured on a GPU: 4096 elements per primal program (4 t
 warps, 8 fp32 per thread per tile), 1024 samples per sample program.  Parameters of several storage
 dtypes (fp32, bf16, fp16) share the launch: each program branches on its tensor's dtype code.
 
-Registered as the custom op ``fused_lagrangian::fused_step_triton`` (torch.library.custom_op, not
+Registered as the custom op ``fused_lagrangian::fused_step_triton`` (custom_op.py's ``as_custom_op``, not
 triton_op): triton_op traces its body with fake tensors under torch.compile, and a pointer table needs
 real addresses; the kernel's writes through that table are also invisible to triton_op's mutation
 analysis.  As an opaque custom op with declared mutations, torch.compile keeps the call in the graph.
@@ -33,11 +33,10 @@ from typing import Callable, Hashable, Optional
 
 import torch
 from torch import Tensor
-from torch._subclasses.fake_tensor import FakeTensor
-from torch.autograd.graph import increment_version
 
-from ..contract import (DUAL_HPARAMS, PRIMAL_HPARAMS, STATS_COLUMNS, Algorithm, DualFlag, DualSlot, dual_state_rows,
-                        hparams_tensor)
+from ..contract import (DUAL_HPARAMS, PRIMAL_HPARAMS, STATS_COLUMNS, Algorithm, DualFlag, DualSlot, PrimalSlot,
+                        dual_state_rows, hparams_tensor, is_dense)
+from .custom_op import as_custom_op
 from .registry import Backend, register
 
 PRIMAL_BLOCK = 1024
@@ -52,8 +51,6 @@ NUM_WARPS = 4
 HELPER_CHUNK_LIMIT = 0
 # Tables for this many distinct tensor sets / hyperparameter sets stay cached per kind.
 CACHED_TABLES = 8
-
-_MUTATED_ARGS = ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps", "multipliers", "dual_states")
 
 
 def unavailable_reason(device_type: str) -> Optional[str]:
@@ -79,90 +76,15 @@ def build_status() -> str:
     return f"triton {importlib.metadata.version('triton')}, {mode}"
 
 
-def fused_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    steps: list[Tensor],
-    primal_hparams: Tensor,
-    primal_flags: list[int],
-    algorithm: int,
-    multipliers: list[Tensor],
-    dual_states: list[Tensor],
-    ids: list[Tensor],
-    violations: list[Tensor],
-    dual_hparams: Tensor,
-    dual_flags: list[int],
-    grad_scale: Optional[Tensor] = None,
-    found_inf: Optional[Tensor] = None,
-) -> Tensor:
-    """contract.py's ``fused_step`` as one Triton launch."""
-    if torch.compiler.is_compiling() or any(isinstance(t, FakeTensor) for t in params[:1] + multipliers[:1]):
-        # Traced: one opaque graph node with declared mutations.
-        return _fused_step_op(
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hparams_tensor(primal_hparams),
-            [int(f) for f in primal_flags], int(algorithm), multipliers, dual_states, ids, violations,
-            hparams_tensor(dual_hparams), [int(f) for f in dual_flags], grad_scale, found_inf,
-        )
-    # Eager: the custom op's Python dispatch handles every list element and costs several times the
-    # launch itself for a model with hundreds of tensors, so run its body and bump the version
-    # counters of the mutated tensors as the op would (autograd then detects stale saved tensors).
-    stats = _launch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, primal_hparams, primal_flags,
-                    algorithm, multipliers, dual_states, ids, violations, dual_hparams, dual_flags, grad_scale,
-                    found_inf)
-    increment_version([*params, *exp_avgs, *exp_avg_sqs, *max_exp_avg_sqs, *steps, *multipliers, *dual_states])
-    return stats
-
-
-@torch.library.custom_op("fused_lagrangian::fused_step_triton", mutates_args=_MUTATED_ARGS)
-def _fused_step_op(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    steps: list[Tensor],
-    primal_hparams: Tensor,
-    primal_flags: list[int],
-    algorithm: int,
-    multipliers: list[Tensor],
-    dual_states: list[Tensor],
-    ids: list[Tensor],
-    violations: list[Tensor],
-    dual_hparams: Tensor,
-    dual_flags: list[int],
-    grad_scale: Optional[Tensor],
-    found_inf: Optional[Tensor],
-) -> Tensor:
-    return _launch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, primal_hparams, primal_flags,
-                   algorithm, multipliers, dual_states, ids, violations, dual_hparams, dual_flags, grad_scale,
-                   found_inf)
-
-
-@_fused_step_op.register_fake
-def _fused_step_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, primal_hparams, primal_flags,
-                     algorithm, multipliers, dual_states, ids, violations, dual_hparams, dual_flags, grad_scale,
-                     found_inf) -> Tensor:
-    device = multipliers[0].device if multipliers else torch.device("cpu")
-    return torch.empty((len(multipliers), STATS_COLUMNS), dtype=torch.float32, device=device)
-
-
 # --------------------------------------------------------------------------------------------------
 # The launch
-
-
-def _floats(hparams) -> list[float]:
-    return hparams.tolist() if isinstance(hparams, Tensor) else [float(h) for h in hparams]
 
 
 def _launch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, primal_hparams, primal_flags, algorithm,
             multipliers, dual_states, ids, violations, dual_hparams, dual_flags, grad_scale, found_inf) -> Tensor:
     from . import triton_kernels as kernels
 
-    # The settings tables are cached by value: the hyperparameters are read on the host here.
-    primal_hparams, dual_hparams = _floats(primal_hparams), _floats(dual_hparams)
+    primal_hparams, dual_hparams = hparams_tensor(primal_hparams), hparams_tensor(dual_hparams)
     device = params[0].device if params else (multipliers[0].device if multipliers else torch.device("cpu"))
     for tensor in (grad_scale, found_inf):
         if tensor is not None and (tensor.device != device or tensor.numel() != 1):
@@ -198,6 +120,10 @@ def _launch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, primal
         HELPER_CHUNK_LIMIT=HELPER_CHUNK_LIMIT, num_warps=NUM_WARPS,
     )
     return stats
+
+
+# contract.py's fused_step: one launch of the kernel; traced, the custom op fused_lagrangian::fused_step_triton.
+fused_step = as_custom_op("fused_step_triton", _launch, body_bumps_versions=False)
 
 
 def _or(tensor: Optional[Tensor], placeholder: Tensor) -> Tensor:
@@ -323,22 +249,13 @@ def _check_primal_layout(i: int, device: torch.device, param: Tensor, grad: Tens
         fail(f"dtype {param.dtype} is not float32, bfloat16 or float16")
     if param.device != device:
         fail(f"on {param.device}, other tensors on {device}")
-    if not _is_dense(param):
+    if not is_dense(param):
         fail("not dense (overlapping or gapped strides)")
     for tensor in (grad, *(s for s in state if s.numel() > 0)):
         if tensor.device != device or tensor.dtype != param.dtype or tensor.shape != param.shape:
             fail(f"gradient/state {tuple(tensor.shape)} {tensor.dtype} on {tensor.device} does not match")
         if tensor.stride() != param.stride():
             fail(f"gradient/state strides {tensor.stride()} differ from the parameter's {param.stride()}")
-
-
-def _is_dense(tensor: Tensor) -> bool:
-    expected = 1
-    for size, stride in sorted(zip(tensor.shape, tensor.stride()), key=lambda dim: dim[1]):
-        if size != 1 and stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 def _dual_plan(device, multipliers, dual_states, ids, violations, dual_flags) -> _DualPlan:
@@ -387,35 +304,43 @@ def _build_dual_plan(device, multipliers, dual_states, ids, violations, dual_fla
                      sample_owner.numel(), offset)
 
 
-def _primal_settings(device: torch.device, hparams: list[float], flags: list[int]) -> Tensor:
-    return _settings_tables.get(("primal", device, tuple(hparams), tuple(flags)),
-                                lambda: _to_device(_primal_settings_table(hparams, flags), device))
+def _primal_settings(device: torch.device, hparams: Tensor, flags: list[int]) -> Tensor:
+    return _settings(device, "primal", hparams, flags, _primal_settings_table)
 
 
-def _primal_settings_table(hparams: list[float], flags: list[int]) -> Tensor:
-    from .triton_kernels import PRIMAL_SETTINGS
-
-    rows = []
-    for i, flag in enumerate(flags):
-        lr, beta1, beta2, eps, weight_decay = hparams[i * PRIMAL_HPARAMS:(i + 1) * PRIMAL_HPARAMS]
-        rows.append([lr, beta1, beta2, eps, weight_decay, 1 - beta1, 1 - beta2, 1 - lr * weight_decay, flag])
-    return torch.tensor(rows, dtype=torch.float64).reshape(len(flags), PRIMAL_SETTINGS.value)
+def _dual_settings(device: torch.device, hparams: Tensor, flags: list[int]) -> Tensor:
+    return _settings(device, "dual", hparams, flags, _dual_settings_table)
 
 
-def _dual_settings(device: torch.device, hparams: list[float], flags: list[int]) -> Tensor:
-    return _settings_tables.get(("dual", device, tuple(hparams), tuple(flags)),
-                                lambda: _to_device(_dual_settings_table(hparams, flags), device))
+def _settings(device: torch.device, kind: str, hparams: Tensor, flags: list[int],
+              table: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """The kernel's float64 settings: contract.py's hyperparameters, values derived from them, the flags.
+
+    A CPU hparams tensor is read on the host: its table is cached by value and uploaded when the values
+    change.  An hparams tensor on the device (a capturable step's, updated in place) is never read on the
+    host: its table is derived there at every call, so a CUDA graph replays with the current values.
+    """
+    if hparams.device.type == "cpu":
+        return _settings_tables.get((kind, device, tuple(hparams.tolist()), tuple(flags)),
+                                    lambda: _to_device(table(hparams, torch.tensor(flags, dtype=torch.float64)), device))
+    flag_column = _settings_tables.get((kind, "flags", device, tuple(flags)),
+                                       lambda: _to_device(torch.tensor(flags, dtype=torch.float64), device))
+    return table(hparams, flag_column)
 
 
-def _dual_settings_table(hparams: list[float], flags: list[int]) -> Tensor:
-    from .triton_kernels import DUAL_SETTINGS
+def _primal_settings_table(hparams: Tensor, flags: Tensor) -> Tensor:
+    """Rows of PRIMAL_SETTINGS: the kernel's P_* columns (the derived ones in float64, as Python computed them)."""
+    hp = hparams.view(-1, PRIMAL_HPARAMS)
+    lr, beta1, beta2, weight_decay = (hp[:, slot] for slot in (PrimalSlot.LR, PrimalSlot.BETA1, PrimalSlot.BETA2,
+                                                               PrimalSlot.WEIGHT_DECAY))
+    return torch.cat([hp, torch.stack([1 - beta1, 1 - beta2, 1 - lr * weight_decay, flags], dim=1)], dim=1)
 
-    rows = []
-    for j, flag in enumerate(flags):
-        # contract.DualSlot's values first (the kernel's D_* columns), then what the kernel derives.
-        slots = hparams[j * DUAL_HPARAMS:(j + 1) * DUAL_HPARAMS]
-        rows.append([*slots, 1 - slots[DualSlot.NU], flag])
-    return torch.tensor(rows, dtype=torch.float64).reshape(len(flags), DUAL_SETTINGS.value)
+
+def _dual_settings_table(hparams: Tensor, flags: Tensor) -> Tensor:
+    """Rows of DUAL_SETTINGS: contract.DualSlot's values first (the kernel's D_* columns), then what the kernel
+    derives."""
+    hp = hparams.view(-1, DUAL_HPARAMS)
+    return torch.cat([hp, torch.stack([1 - hp[:, DualSlot.NU], flags], dim=1)], dim=1)
 
 
 # --------------------------------------------------------------------------------------------------

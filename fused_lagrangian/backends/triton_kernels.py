@@ -46,8 +46,8 @@ TENSOR_FIRST_CHUNK: tl.constexpr = tl.constexpr(7)
 TENSOR_DTYPE: tl.constexpr = tl.constexpr(8)
 TENSOR_ROWS: tl.constexpr = tl.constexpr(9)
 
-# Columns of the float64 per-tensor settings (derived values computed on the host in double
-# precision, as the reference computes them from Python floats).
+# Columns of the float64 per-tensor settings (derived values computed in float64 by triton_backend.py,
+# on the host or on the device, as the reference computes them from Python floats).
 P_LR: tl.constexpr = tl.constexpr(0)
 P_BETA1: tl.constexpr = tl.constexpr(1)  # SGD: momentum
 P_BETA2: tl.constexpr = tl.constexpr(2)  # SGD: dampening
@@ -177,8 +177,8 @@ def _scatter_samples(pid, block_table, sample_owner, num_blocks, accumulators, B
         first_program = tl.load(block_table + BLOCK_FIRST_PROGRAM * num_blocks + block)
         offset = tl.load(block_table + BLOCK_ACCUMULATOR_OFFSET * num_blocks + block)
         offs = (pid - first_program).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < num_samples
-        k = tl.load(ids + offs, mask=mask, other=0)
+        k = tl.load(ids + offs, mask=offs < num_samples, other=-1)
+        mask = (offs < num_samples) & (k >= 0)  # -1: padding, no sample (contract.py)
         e = tl.load(violations + offs, mask=mask, other=0.0)
         slot = ACCUMULATOR_WORDS * (offset + k)
         tl.atomic_add(accumulators + slot, 1, mask=mask, sem="relaxed")
@@ -241,8 +241,8 @@ def _finalise_chunk(chunk, block_table, sample_owner, dual_settings, num_blocks,
         for part in tl.static_range(SAMPLE_BLOCK // BLOCK):
             if start + part * BLOCK < num_samples:
                 offs = start + part * BLOCK + tl.arange(0, BLOCK)
-                in_range = offs < num_samples
-                k = tl.load(ids + offs, mask=in_range, other=0)
+                k = tl.load(ids + offs, mask=offs < num_samples, other=-1)
+                in_range = (offs < num_samples) & (k >= 0)  # -1: padding, no sample (contract.py)
                 # Loaded before the claim so that the memory round trips overlap; only claimed lanes
                 # are used.  (tl.where, not `&`: the interpreter mishandles a block `&` a scalar.)
                 lam_mask = tl.where(updates, in_range, False)

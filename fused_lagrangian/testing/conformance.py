@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ..backends import fused_step_of
-from ..contract import Algorithm, DualFlag, FusedStepArguments, PrimalFlag, dual_state_rows, hparams_tensor
+from ..contract import PADDING_ID, Algorithm, DualFlag, FusedStepArguments, PrimalFlag, dual_state_rows, hparams_tensor
 
 # Sizes straddling vector widths (4, 8, 16 floats) and the native kernel's 32768-element chunks.
 SIZES = (0, 1, 7, 16, 17, 33, 255, 1000, 32768 + 5)
@@ -77,7 +77,7 @@ class Problem:
         return self.args[DUAL_STATES]
 
     def new_batch(self) -> None:
-        """Fresh gradients and pending samples, ids at 0 and K-1 and duplicates included."""
+        """Fresh gradients and pending samples, ids at 0 and K-1, duplicates and padding included."""
         g = self.generator
         for grad in self.grads:
             grad.copy_(torch.randn(grad.shape, generator=g))
@@ -86,6 +86,8 @@ class Problem:
             block_ids = torch.randint(0, k, (batch,), generator=g)
             if batch >= 4:
                 block_ids[:4] = torch.tensor([0, k - 1, 0, k - 1])
+            if batch >= 6:
+                block_ids[4:6] = PADDING_ID
             ids.append(block_ids.to(self.device))
             violations.append(torch.randn(batch, generator=g).to(self.device))
         self.args[IDS], self.args[VIOLATIONS] = ids, violations

@@ -2,9 +2,11 @@
 
 "reference" against itself checks the suite; "native" is the C++ kernel; "cuda-emulated" is the CUDA
 kernel's device code on std::threads (tests/backends/cuda_emulation.cpp), which must also leave its
-workspace clean after every call.  Triton runs the same cases under its interpreter in test_triton.py
-(TRITON_INTERPRET must be set before its kernels are defined, so not from this module);
-bench/gpu_check.py runs them on CUDA tensors.
+workspace clean after every call, with the hyperparameters in its descriptor table (CPU hparams
+tensors) and, as "cuda-emulated-hparams-on-device", read from their tensors (device hparams tensors,
+capturable steps; fp32 only: the dtype does not change how hyperparameters are read).  Triton runs
+the same cases under its interpreter in test_triton.py (TRITON_INTERPRET must be set before its
+kernels are defined, so not from this module); bench/gpu_check.py runs them on CUDA tensors.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import dataclasses
 from typing import Callable
 
 import pytest
+import torch
 
 from fused_lagrangian import backends
 from fused_lagrangian.contract import DualFlag
@@ -30,16 +33,18 @@ class Candidate:
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module", params=["reference", "native", "cuda-emulated"])
+@pytest.fixture(scope="module", params=["reference", "native", "cuda-emulated", "cuda-emulated-hparams-on-device"])
 def candidate(request) -> Candidate:
     name = request.param
-    if name == "cuda-emulated":
+    if name.startswith("cuda-emulated"):
         emulated = request.getfixturevalue("emulated_cuda")
 
         def workspace_left_clean():
             assert emulated.workspace_is_clean(), "the finishing block must clear the hash table and the ticket"
 
-        return Candidate(emulated.fused_step, 5, conformance.DTYPES, workspace_left_clean)
+        if name == "cuda-emulated":
+            return Candidate(emulated.fused_step, 5, conformance.DTYPES, workspace_left_clean)
+        return Candidate(emulated.fused_step_hparams_on_device, 5, (torch.float32,), workspace_left_clean)
     reason = backends.unavailable_reason(name, "cpu")
     if reason is not None:
         pytest.skip(f"{name} backend: {reason}")
