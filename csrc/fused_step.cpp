@@ -147,7 +147,8 @@ void check_step_arguments(const StepArguments& args, c10::Device device) {
 TORCH_LIBRARY(fused_lagrangian, m) {
   m.def("fused_step" FUSED_STEP_SCHEMA_ARGUMENTS);
   // A grouped Lagrangian block call's forward (formulation.py is its specification): (term, d term / d
-  // values, entry ids, fp32 dual violations, error code).  Autograd is registered from Python.
+  // values, entry ids, fp32 dual violations, error code).  Its kernels, Autograd's included, are in
+  // grouped_forward_cpu.cpp.
   m.def(
       "grouped_lagrangian_forward(Tensor values, Tensor ids, Tensor? dual_values, Tensor multipliers, "
       "Tensor? bounds, float bound, float sign, bool to_overall) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");

@@ -40,9 +40,9 @@ TOLERANCE = {torch.float32: dict(rtol=1e-6, atol=1e-6),
              torch.float16: dict(ulps=2, atol=1e-5)}
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # GPU kernels (and their CPU emulation, whose thread blocks run on std::threads) add a group's batch entries
-# into its running sum with atomics, in whatever order the blocks run: a sum of n fp32 terms in another
-# order differs by up to about n ulps of its partial sums, more than TOLERANCE allows (measured on the
-# emulation: 1.9e-6 on running sums of about 0.5, ~100 entries a group).
+# into its running sum with atomics, in another order than the reference's sum: n fp32 terms summed in
+# another order differ by up to about n ulps of their partial sums, more than TOLERANCE allows (measured on
+# the emulation: 1.9e-6 on running sums of about 0.5).
 UNORDERED_SUM_TOLERANCE = {**TOLERANCE, torch.float32: dict(rtol=1e-6, atol=5e-6)}
 
 # Positions of the arguments a call mutates, by their contract names.
