@@ -25,6 +25,7 @@ from torch import Tensor
 from .contract import DualFlag, dual_state_rows
 from .formulation import LOCAL, SENSE_SIGNS, BlockContext, Formulation, Recording
 from .memory import available_bytes, constraint_state
+from .touched import TRACK_FROM, TouchedConstraints, multiplier_summary
 from .validation import ERROR_NONFINITE, ConstraintInputError, raise_for_code
 
 __all__ = ["ConstraintBlock", "ConstraintInputError", "ConstraintSpec"]
@@ -212,6 +213,9 @@ class ConstraintBlock:
         # (statistics of the last step, this block's row): read only by report(), so the step never
         # pays for slicing it.
         self.last_stats: Optional[tuple[Tensor, int]] = None
+        # The ids the steps moved, so report() reads those, not all K (None: small or dense, scanned whole).
+        self.touched = (TouchedConstraints(spec.num_constraints, float(spec.init))
+                        if spec.kind != "dense" and spec.num_constraints >= TRACK_FROM else None)
 
     def _allocate_state(self, device: torch.device) -> tuple[Tensor, Tensor]:
         """Multipliers (filled with ``init``) and dual state; a block that cannot fit fails before allocating."""
@@ -351,16 +355,17 @@ class ConstraintBlock:
         if self.last_stats is not None:
             stats, row = self.last_stats
             observed, max_violation, violated = stats[row].tolist()
-        lowest, highest = torch.aminmax(lam)  # no K-sized temporary, unlike lam.abs()
+        touched = None if self.touched is None else self.touched.ids(lam)
+        mean, largest, nonzero = multiplier_summary(lam, touched, float(self.spec.init))
         return {
             "kind": self.spec.kind,
             "num_constraints": self.spec.num_constraints,
             "observed": int(observed),
             "max_violation": float(max_violation),
             "num_violated": int(violated),
-            "multiplier_mean": float(lam.mean()),
-            "multiplier_max": max(abs(float(lowest)), abs(float(highest))),
-            "multiplier_nonzero": int(torch.count_nonzero(lam)),
+            "multiplier_mean": mean,
+            "multiplier_max": largest,
+            "multiplier_nonzero": nonzero,
             "nonfinite_skipped": self.nonfinite_skipped,
         }
 

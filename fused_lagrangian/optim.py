@@ -320,7 +320,17 @@ class LagrangianOptimizer(torch.optim.Optimizer):
             dual_states=[b.dual_state for b in blocks], ids=[ids for ids, _ in pending],
             violations=[v for _, v in pending], dual_hparams=hparams_tensor(hparams), dual_flags=flags,
             grad_scale=grad_scale, found_inf=found_inf)
+        tracked = [(block.touched, block.multipliers, ids)
+                   for block, (ids, _) in zip(blocks, pending) if block.touched is not None]
+        if tracked and torch.compiler.is_compiling():
+            for touched, _, _ in tracked:
+                touched.invalidate()
+            tracked = ()
+        for touched, multipliers, _ in tracked:
+            touched.before_step(multipliers)
         stats = self._resolved(device)[1](*arguments)
+        for touched, multipliers, ids in tracked:
+            touched.after_step(ids, multipliers)
         for row, block in enumerate(blocks):
             block.last_stats = (stats, row)
 
