@@ -171,7 +171,7 @@ def test_eager_binding_equals_registered_op(per_sample, dtype, per_group_bound):
         outputs = call(leaf, ids, (values > 0).to(dtype), multipliers, bounds, 0.05, -1.0, True)
         (gradient,) = torch.autograd.grad(outputs[0], leaf)
         results.append([*(output.detach() for output in outputs), gradient])
-    assert module._eager_cpu is not None  # the binding was found, not the op's path taken twice
+    assert module._eager_cpu is not None  # the backend handed the binding over: not the op's path taken twice
     for got, expected in zip(*results):
         assert got.dtype == expected.dtype and torch.equal(got, expected)
 

@@ -8,6 +8,7 @@ the shipped sources (``native_build``; ``FUSED_LAGRANGIAN_JIT`` chooses when).
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import os
 import threading
@@ -16,6 +17,7 @@ from typing import Optional
 import torch
 
 from ..contract import hparams_tensor
+from ..ops import grouped_forward
 from . import native_build
 from .native_build import JIT_ENV  # noqa: F401  (part of this module's interface: bench/gpu_check.py)
 from .registry import Backend, register
@@ -43,10 +45,11 @@ class _Library:
             if not self._decided:
                 try:
                     prefer_sources = native_build.jit_mode() == "always"
-                    self.origin = (None if prefer_sources else _load_built()) or native_build.compile_and_load()
-                    if self.origin is not None:
+                    built = None if prefer_sources else _load_built()
+                    path, self.origin = (built, built) if built else native_build.compile_and_load() or (None, None)
+                    if path is not None:
                         _register_fake()
-                        _register_grouped_forward()
+                        _register_grouped_forward(path)
                 except Exception as error:  # noqa: BLE001 - any load failure makes the backend unavailable
                     self.error = f"the native extension failed to load: {error}"
                     self.origin = None
@@ -87,10 +90,12 @@ def _register_fake() -> None:
 _GROUPED_FORWARD_DEVICES: set[str] = set()
 
 
-def _register_grouped_forward() -> None:
-    """Shape function of the grouped block forward (absent from libraries built before it)."""
+def _register_grouped_forward(library_path: str) -> None:
+    """Shape function of the grouped block forward (absent from libraries built before it), and its eager
+    CPU entry for ops/grouped_forward.py."""
     if not hasattr(torch.ops.fused_lagrangian, "grouped_lagrangian_forward"):
         return
+    grouped_forward.register_eager_cpu(_pybind_export(library_path, _EAGER_CPU_SYMBOL))
     _GROUPED_FORWARD_DEVICES.update(name for name, key in _DISPATCH_KEYS.items()
                                     if torch._C._dispatch_has_kernel_for_dispatch_key(_GROUPED_FORWARD, key))
     if not _GROUPED_FORWARD_DEVICES:
@@ -106,6 +111,21 @@ def _register_grouped_forward() -> None:
                 values.new_empty((), dtype=torch.int32))
 
     # Autograd: the C++ kernel registered for the Autograd key (a Python one costs more than the kernel).
+
+
+# An extern "C" function of csrc/grouped_forward_cpu.cpp that returns the pybind11 function of the CPU kernel:
+# the library is loaded as a plain shared library (torch.ops.load_library), not as a Python module.
+_EAGER_CPU_SYMBOL = "fused_lagrangian_grouped_forward_cpu_binding"
+
+
+def _pybind_export(library_path: str, symbol: str):
+    """The Python object the library's ``symbol`` returns, or None when the library has no such symbol."""
+    try:
+        export = getattr(ctypes.PyDLL(library_path), symbol)
+    except (AttributeError, OSError):
+        return None
+    export.restype, export.argtypes = ctypes.py_object, []
+    return export()
 
 
 def has_grouped_forward(device_type: str) -> bool:

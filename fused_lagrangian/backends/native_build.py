@@ -90,8 +90,9 @@ def _short(error: Exception) -> str:
     return "; ".join(filter(None, [lines[0] if lines else type(error).__name__, first_error]))[:500]
 
 
-def compile_and_load() -> Optional[str]:
-    """Compiles (or finds in the cache) and loads the extension; its origin, or None if not allowed here.
+def compile_and_load() -> Optional[tuple[str, str]]:
+    """Compiles (or finds in the cache) and loads the extension: (library path, where it came from), or None
+    if not allowed here.
 
     Raises RuntimeError with a one-line reason when compiling fails."""
     directory = source_dir()
@@ -128,4 +129,4 @@ def compile_and_load() -> Optional[str]:
         raise RuntimeError(f"compiling it from {directory} failed: {_short(error)} (install a working C++ "
                            f"compiler and ninja, or set {JIT_ENV}=0 to stop trying)") from error
     how = f"compiled in {time.perf_counter() - started:.0f} s" if fresh_build else "cached"
-    return f"first-use build of {directory} ({how}: {library})"
+    return library, f"first-use build of {directory} ({how}: {library})"

@@ -9,27 +9,19 @@ op, whose fake implementation torch.compile traces (backends/native.py).
 
 from __future__ import annotations
 
-import ctypes
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-_BINDING_SYMBOL = "fused_lagrangian_grouped_forward_cpu_binding"
-_UNRESOLVED = object()
-_eager_cpu = _UNRESOLVED  # the binding once looked up (None: the loaded extension predates it)
+# The extension's pybind11 function of the CPU kernel, handed over by the backend that loads the extension
+# (backends/native.py); None until then, or when the loaded extension predates it.
+_eager_cpu: Optional[Callable] = None
 
 
-def _find_eager_cpu() -> Optional[Callable]:
-    """The pybind11 function the loaded extension exports (torch.ops loads it as a plain library)."""
-    for path in sorted(torch.ops.loaded_libraries):
-        try:
-            export = getattr(ctypes.PyDLL(path), _BINDING_SYMBOL)
-        except (AttributeError, OSError):
-            continue
-        export.restype, export.argtypes = ctypes.py_object, []
-        return export()
-    return None
+def register_eager_cpu(binding: Optional[Callable]) -> None:
+    global _eager_cpu
+    _eager_cpu = binding
 
 
 def grouped_forward(values: Tensor, ids: Tensor, dual_values: Optional[Tensor], multipliers: Tensor,
@@ -37,14 +29,10 @@ def grouped_forward(values: Tensor, ids: Tensor, dual_values: Optional[Tensor], 
                     to_overall: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``torch.ops.fused_lagrangian.grouped_lagrangian_forward``: (term, d term / d values, entry ids, fp32 dual
     violations, error code); differentiable in ``values`` only.  The operator must be loaded."""
-    global _eager_cpu
     # is_compiling first: under torch.compile the other tests would be traced (and break the graph).  Under
     # torch.func transforms the tensors are plain Tensors that wrap others: the op's dispatch unwraps them.
-    if (not torch.compiler.is_compiling() and values.is_cpu and type(values) is Tensor and type(ids) is Tensor
-            and torch._C._functorch.peek_interpreter_stack() is None):
-        if _eager_cpu is _UNRESOLVED:
-            _eager_cpu = _find_eager_cpu()
-        if _eager_cpu is not None:
-            return _eager_cpu(values, ids, dual_values, multipliers, bounds, bound, sign, to_overall)
+    if (_eager_cpu is not None and not torch.compiler.is_compiling() and values.is_cpu and type(values) is Tensor
+            and type(ids) is Tensor and torch._C._functorch.peek_interpreter_stack() is None):
+        return _eager_cpu(values, ids, dual_values, multipliers, bounds, bound, sign, to_overall)
     return torch.ops.fused_lagrangian.grouped_lagrangian_forward(values, ids, dual_values, multipliers, bounds,
                                                                  bound, sign, to_overall)
