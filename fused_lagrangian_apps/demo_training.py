@@ -81,6 +81,8 @@ def constraint_term(args: argparse.Namespace, problem: Problem, opt: LagrangianA
     options: dict = {"formulation": spec.formulation}
     if spec.formulation == "lagrangian":
         options.update(dual_lr=args.dual_lr * spec.dual_lr_scale, estimator=dual_estimator(args))
+        if args.augmented > 0:
+            options.update(formulation="augmented", penalty=args.augmented)
         if args.kp == 0:
             options.update(dual_rule="ascent", kp=0.0)
         elif args.kp is not None:  # None: the library's default rule for grouped blocks
@@ -153,6 +155,20 @@ class _Batches:
         return next(self.fit), None if self.held_out is None else next(self.held_out)
 
 
+class CosineThenHold:
+    """lr factor at step t: a cosine from 1 down to ``floor`` over the first ``fraction`` of ``total_steps``,
+    then ``floor``.  The multipliers keep moving at full speed while the model only fine-tunes, so the
+    constraints settle in the second part instead of swinging with large primal steps."""
+
+    def __init__(self, total_steps: int, fraction: float, floor: float) -> None:
+        self.anneal_steps = max(1.0, fraction * total_steps)
+        self.floor = floor
+
+    def __call__(self, step: int) -> float:
+        progress = min(step / self.anneal_steps, 1.0)
+        return self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def train_run(args: argparse.Namespace, problem: Problem, spec: RunSpec, progress: bool,
               counter: str = "") -> RunResult:
     from tqdm import tqdm
@@ -164,7 +180,8 @@ def train_run(args: argparse.Namespace, problem: Problem, spec: RunSpec, progres
     fit_rows = problem.primal_rows if held_out else torch.arange(len(y))
     per_epoch = steps_per_epoch(args, fit_rows.numel())
     total_steps = args.epochs * per_epoch
-    schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, total_steps, eta_min=args.lr * args.final_lr_fraction)
+    schedule = (torch.optim.lr_scheduler.LambdaLR(opt, CosineThenHold(total_steps, args.anneal_fraction,
+                                                                      args.final_lr_fraction))
                 if args.lr_schedule == "cosine" else None)
     term, blocks = (None, []) if spec.formulation is None else constraint_term(args, problem, opt, spec)
     selection = _Selection(args, problem, model, total_steps, enabled=term is not None)

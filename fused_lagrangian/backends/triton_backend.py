@@ -156,10 +156,18 @@ _dual_plans = _LruCache(CACHED_TABLES)
 _settings_tables = _LruCache(2 * CACHED_TABLES)
 
 
+# Pinned sources of copies recorded into a CUDA graph: each replay reads them again, so they must outlive
+# the graph (a few small tables per capture; kept for the process's life).
+_captured_staging: list[Tensor] = []
+
+
 def _to_device(host: Tensor, device: torch.device) -> Tensor:
     if device.type == "cuda":
         # Pinned staging: an asynchronous copy, ordered on the stream before the launch that reads it.
-        return host.pin_memory().to(device, non_blocking=True)
+        staged = host.pin_memory()
+        if torch.cuda.is_current_stream_capturing():
+            _captured_staging.append(staged)
+        return staged.to(device, non_blocking=True)
     return host.to(device)
 
 
