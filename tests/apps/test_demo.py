@@ -151,9 +151,40 @@ def test_synthetic_through_the_command_line(tmp_path, capsys):
 def test_bad_options_are_rejected():
     for argv in (["--groups", "race,height"], ["--penalties", "1,x"], ["--penalties", "-1"], ["--epochs", "0"],
                  ["--runs", "penalties"], ["--held-out", "1"], ["--batch-size", "0"], ["--marginals", "height"],
-                 ["--constraint", "group-loss", "--held-out", "0.3"]):
+                 ["--constraint", "group-loss", "--held-out", "0.3"], ["--augmented", "-1"],
+                 ["--anneal-fraction", "0"], ["--anneal-fraction", "1.5"]):
         with pytest.raises(SystemExit):
             demo.parse_args(argv)
+
+
+def test_lr_schedule_anneals_over_its_fraction_then_holds():
+    from fused_lagrangian_apps.demo_training import CosineThenHold
+
+    schedule = CosineThenHold(total_steps=100, fraction=0.5, floor=0.01)
+    assert schedule(0) == 1.0
+    assert schedule(25) == pytest.approx(0.505)  # half way down the cosine
+    assert [schedule(step) for step in (50, 75, 99)] == pytest.approx([0.01] * 3)
+    whole_run = CosineThenHold(total_steps=100, fraction=1.0, floor=0.0)
+    assert whole_run(50) == pytest.approx(0.5) and whole_run(100) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("constraint", ["dp", "group-loss"])
+def test_augmented_option_builds_augmented_lagrangian_blocks(constraint):
+    from fused_lagrangian import LagrangianAdamW
+    from fused_lagrangian_apps.demo_problem import load_problem
+    from fused_lagrangian_apps.demo_training import RunSpec, build_model, constraint_term
+
+    for augmented, formulation, penalty in ((0.0, "lagrangian", None), (10.0, "augmented", 10.0)):
+        args = demo.parse_args(["--constraint", constraint, "--augmented", str(augmented)])
+        problem = load_problem(args)
+        opt = LagrangianAdamW(build_model(problem.x_train.shape[1], 4, 0).parameters(), lr=0.01)
+        _, blocks = constraint_term(args, problem, opt, RunSpec("lagrangian", "lagrangian"))
+        assert blocks and all(b.spec.formulation == formulation for b in blocks)
+        assert penalty is None or all(b.spec.penalty == penalty for b in blocks)
+        # The penalty sweep keeps its own formulation whatever --augmented says.
+        opt = LagrangianAdamW(build_model(problem.x_train.shape[1], 4, 0).parameters(), lr=0.01)
+        _, baseline = constraint_term(args, problem, opt, RunSpec("penalty c=1", "quadratic", 1.0))
+        assert all(b.spec.formulation == "quadratic" for b in baseline)
 
 
 def test_report_is_strict_json_with_null_for_empty_groups(tmp_path):
