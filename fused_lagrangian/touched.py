@@ -38,7 +38,7 @@ class TouchedConstraints:
         self._known = torch.empty(0, dtype=torch.int64)
         self._queued: list[Tensor] = []
         self._queued_entries = 0
-        self._version: Optional[int] = None  # the multipliers' version after the last tracked step
+        self._version: Optional[tuple[int, int]] = None  # the multipliers' (storage, version) after the last step
         self._stale = False  # something unseen may have changed the multipliers: rebuild at the next read
         # For good: the set outgrew what a scan costs, or steps run with no Python to see them (graph replays).
         self._scan_only = False
@@ -100,9 +100,10 @@ class TouchedConstraints:
             self._known = known[:0]
 
 
-def _version(tensor: Tensor) -> Optional[int]:
+def _version(tensor: Tensor) -> Optional[tuple[int, int]]:
+    """The tensor's storage and version: changes when anything writes it in place or replaces it."""
     try:
-        return tensor._version
+        return tensor.data_ptr(), tensor._version
     except RuntimeError:  # inference tensors keep no version counter: treat every read as stale
         return None
 

@@ -99,6 +99,13 @@ def test_writes_the_steps_did_not_see_make_the_report_rescan(backend):
     assert _reported(block)[1] == 9.0
     _assert_same_summary(block)
 
+    # New multipliers in place of the old tensor (a fresh tensor's version counter starts again at 0).
+    replacement = torch.zeros_like(block.multipliers)
+    replacement[K - 3] = 11.0
+    block.multipliers = replacement
+    assert _reported(block)[1] == 11.0
+    _assert_same_summary(block)
+
     # A checkpoint from another run: its multipliers are everywhere.
     other_model, other = _model_and_optimizer(backend)
     other_block = other.add_constraint("big", kind="indexed", num_constraints=K, dual_lr=0.5)
