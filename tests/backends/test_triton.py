@@ -32,8 +32,15 @@ from fused_lagrangian.testing import conformance  # noqa: E402
 from fused_lagrangian.testing.conformance import (MUTATED, contract_call, constraint_block, dual_args,  # noqa: E402
                                                    primal_args)
 
-if type(triton_kernels.fused_step_kernel).__name__ != "InterpretedFunction":
-    pytest.skip("the triton kernels were defined before TRITON_INTERPRET=1 was set", allow_module_level=True)
+# Triton's own library functions (tl.zeros, ...) are jit functions too, defined when triton is first imported:
+# a module that imported triton earlier in this process (torch.compile does) leaves them compiled-mode, and the
+# interpreter then refuses to call them from our kernels.  Run this module before such modules, or alone.
+import triton.language  # noqa: E402
+
+if any(type(function).__name__ != "InterpretedFunction"
+       for function in (triton_kernels.fused_step_kernel, triton.language.zeros)):
+    pytest.skip("triton or the kernels were imported before TRITON_INTERPRET=1 was set (e.g. by torch.compile in "
+                "an earlier test module): run tests/backends/test_triton.py first or alone", allow_module_level=True)
 
 # fp32 within 1e-6 absolute; half precision within one rounding of the storage dtype: stricter than the
 # conformance suite's default, which allows for native's vectorised sqrt.
