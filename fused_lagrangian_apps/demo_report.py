@@ -65,6 +65,7 @@ def summarize(args: argparse.Namespace, problem: Problem, results: list[RunResul
         "bounds": problem.epsilon.tolist() if isinstance(problem.epsilon, torch.Tensor) else problem.epsilon,
         "test_groups_with_large_rows": int((keep & (sizes_test >= args.large_group_rows)).sum()),
         "unconstrained_rate_shift_large_groups": _unconstrained_rate_shift(args, problem, results),
+        "chance_test_target_at_bound": _chance_test_target_at_bound(args, problem, lagrangian),
         "primal_rows": len(problem.y_train) if problem.primal_rows is None else int(problem.primal_rows.numel()),
         "constraint_rows": len(problem.y_train) if problem.constraint_rows is None else int(
             problem.constraint_rows.numel()),
@@ -88,6 +89,29 @@ def _unconstrained_rate_shift(args: argparse.Namespace, problem: Problem, result
              - (torch.tensor(rates["train"]) - rates["overall_train"])).abs()
     large = problem.constrained & (problem.sizes_test >= args.large_group_rows)
     return float(shift[large].max()) if bool(large.any()) else None
+
+
+def chance_within(test_sizes: torch.Tensor, rate: float, limit: float) -> float:
+    """P(every group's observed rate <= limit) when each group's true rate is ``rate`` and its test rate is
+    Binomial(n_k, rate) / n_k, independently: the product of exact binomial CDFs."""
+    chance = 1.0
+    for n in test_sizes.tolist():
+        successes = torch.arange(int(n) + 1, dtype=torch.float64)
+        probabilities = torch.distributions.Binomial(int(n), torch.tensor(rate, dtype=torch.float64)).log_prob(
+            successes).exp()
+        chance *= float(probabilities[successes / n <= limit + 1e-12].sum())
+    return chance
+
+
+def _chance_test_target_at_bound(args: argparse.Namespace, problem: Problem, lagrangian: RunResult) -> Optional[float]:
+    """How likely a model whose large groups' true rates all sit exactly at the bound (overall + epsilon) shows a
+    test max violation <= TARGET_TEST_VIOLATION_LARGE over those groups, from the test split's sampling alone
+    (overall test rate taken as fixed).  Demographic parity only."""
+    large = problem.constrained & (problem.sizes_test >= args.large_group_rows)
+    if args.constraint != "dp" or not bool(large.any()):
+        return None
+    rate = lagrangian.rates["overall_test"] + args.epsilon
+    return chance_within(problem.sizes_test[large], rate, rate + TARGET_TEST_VIOLATION_LARGE)
 
 
 def _sensitivity_row(args: argparse.Namespace, run: RunResult) -> dict:
@@ -219,6 +243,11 @@ def format_report(args: argparse.Namespace, problem: Problem, results: list[RunR
         lines.append(f"sampling noise: the unconstrained model's rate minus the overall rate moves by up to "
                      f"{summary['unconstrained_rate_shift_large_groups']:.3f} between train and test in the groups "
                      f"with >= {args.large_group_rows} test rows")
+    chance = summary["chance_test_target_at_bound"]
+    if chance is not None:
+        lines.append(f"a model whose groups with >= {args.large_group_rows} test rows all sit exactly at the bound "
+                     f"would show a test max violation <= {TARGET_TEST_VIOLATION_LARGE} over them with probability "
+                     f"{chance:.2f} (test sampling alone)")
     lines.append("")
     lines += _summary_lines(summary)
     lines += ["", "largest test-set gaps of the lagrangian run (constrained groups, 95% Wilson intervals):"]

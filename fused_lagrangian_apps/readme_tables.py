@@ -60,6 +60,11 @@ def render(report: dict) -> str:
         lines += ["", f"Sampling noise of the test split: in the groups with ≥ {large} test rows, the unconstrained "
                       f"model's rate minus the overall rate moves by up to {shift:.3f} between train and test "
                       "(a model not fitted to the constraints: the shift is the splits' noise)."]
+    chance = summary.get("chance_test_target_at_bound")
+    if chance is not None:
+        lines[-1] += (f" A model whose groups with ≥ {large} test rows all sit exactly at the bound (overall + ε) "
+                      f"would show a test max violation ≤ 0.02 over them with probability {chance:.2f}, from the "
+                      "test split's sampling alone.")
     return "\n".join(lines)
 
 

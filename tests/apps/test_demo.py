@@ -97,6 +97,10 @@ def check_sampling_noise(report):
              for g in report["groups"]
              if g["constrained"] and g["test_size"] >= report["config"]["large_group_rows"]]
     assert shift == pytest.approx(max(moves), abs=1e-6)
+    chance = report["summary"]["chance_test_target_at_bound"]
+    large = [g for g in report["groups"] if g["constrained"] and g["test_size"] >= report["config"]["large_group_rows"]]
+    assert (chance is None) == (not large)
+    assert chance is None or 0.0 <= chance <= 1.0
 
 
 def test_adult_demographic_parity(tmp_path, capsys):
@@ -155,6 +159,23 @@ def test_bad_options_are_rejected():
                  ["--anneal-fraction", "0"], ["--anneal-fraction", "1.5"]):
         with pytest.raises(SystemExit):
             demo.parse_args(argv)
+
+
+def test_chance_of_the_test_target_at_the_bound():
+    """Exact binomial CDFs: closed form on tiny groups, and a simulation on the demo's sizes."""
+    import torch
+
+    from fused_lagrangian_apps.demo_report import chance_within
+
+    assert chance_within(torch.tensor([2]), 0.5, 0.5) == pytest.approx(0.75)  # P(X <= 1), X ~ Bin(2, 1/2)
+    assert chance_within(torch.tensor([2, 2]), 0.5, 0.5) == pytest.approx(0.75 ** 2)
+    assert chance_within(torch.tensor([3]), 0.2, 1.0) == pytest.approx(1.0)
+    sizes = torch.tensor([127, 198, 1067, 2401, 116])
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.binomial(sizes.double().expand(200_000, -1), torch.full((200_000, 5), 0.19, dtype=torch.float64),
+                           generator=generator) / sizes
+    simulated = float((draws <= 0.21).all(dim=1).double().mean())
+    assert chance_within(sizes, 0.19, 0.21) == pytest.approx(simulated, abs=0.005)
 
 
 def test_lr_schedule_anneals_over_its_fraction_then_holds():
