@@ -214,7 +214,7 @@ class ConstraintBlock:
         # pays for slicing it.
         self.last_stats: Optional[tuple[Tensor, int]] = None
         # The ids the steps moved, so report() reads those, not all K (None: small or dense, scanned whole).
-        self.touched = (TouchedConstraints(spec.num_constraints, float(spec.init))
+        self.touched = (TouchedConstraints(self.multipliers, float(spec.init))
                         if spec.kind != "dense" and spec.num_constraints >= TRACK_FROM else None)
 
     def _allocate_state(self, device: torch.device) -> tuple[Tensor, Tensor]:

@@ -31,15 +31,16 @@ SCAN_FRACTION = 1 / 32
 class TouchedConstraints:
     """The ids a block's steps have touched, or None when the whole block must be scanned."""
 
-    def __init__(self, num_constraints: int, init: float) -> None:
-        self.num_constraints = num_constraints
+    def __init__(self, multipliers: Tensor, init: float) -> None:
+        self.num_constraints = multipliers.numel()
         self.init = init
-        self._scan_above = max(1, int(num_constraints * SCAN_FRACTION))
+        self._scan_above = max(1, int(self.num_constraints * SCAN_FRACTION))
         self._known = torch.empty(0, dtype=torch.int64)
         self._queued: list[Tensor] = []
         self._queued_entries = 0
-        self._version: Optional[tuple[int, int]] = None  # the multipliers' (storage, version) after the last step
-        self._stale = False  # something unseen may have changed the multipliers: rebuild at the next read
+        # The multipliers' (storage, version) after the last step (at creation: all at init, nothing touched).
+        self._version = _version(multipliers)
+        self._stale = self._version is None  # something unseen may have changed the multipliers: rebuild at a read
         # For good: the set outgrew what a scan costs, or steps run with no Python to see them (graph replays).
         self._scan_only = False
 
@@ -48,8 +49,9 @@ class TouchedConstraints:
         self._stale = True
 
     def before_step(self, multipliers: Tensor) -> None:
-        if self._version is not None and _version(multipliers) != self._version:
-            self._stale = True  # written since the last step by someone else
+        stamp = _version(multipliers)
+        if stamp is None or stamp != self._version:
+            self._stale = True  # written since the last step (or since creation) by someone else
 
     def after_step(self, ids: Tensor, multipliers: Tensor) -> None:
         """Queues this step's ids by reference (padding and duplicates included, dropped at the merge)."""
@@ -69,11 +71,14 @@ class TouchedConstraints:
                 self._merge()  # amortised: each queued id is sorted about twice
             else:
                 self._stale = True  # a merge would synchronise the stream; the next read rebuilds
+                self._queued.clear()
+                self._queued_entries = 0
 
     def ids(self, multipliers: Tensor) -> Optional[Tensor]:
         """The sorted touched ids on ``multipliers``' device, or None when a full scan is the way to read."""
         if not self._scan_only:
-            if self._stale or self._version is None or _version(multipliers) != self._version:
+            stamp = _version(multipliers)
+            if self._stale or stamp is None or stamp != self._version:
                 self._rebuild(multipliers)
             else:
                 self._merge()

@@ -115,6 +115,17 @@ def test_writes_the_steps_did_not_see_make_the_report_rescan(backend):
     assert _reported(block) == pytest.approx(_reported(other_block))
 
 
+def test_a_write_before_the_first_step_is_seen(backend):
+    """A warm start written into the multipliers before any step: the steps' ids alone would miss it."""
+    model, optimizer = _model_and_optimizer(backend)
+    block = optimizer.add_constraint("big", kind="indexed", num_constraints=K, dual_lr=0.5)
+    with torch.no_grad():
+        block.multipliers.fill_(0.25)
+    _train(model, optimizer, block, steps=3)
+    assert _reported(block)[2] > K // 2  # nonzero almost everywhere
+    _assert_same_summary(block)
+
+
 def test_small_and_dense_blocks_are_scanned_whole():
     model, optimizer = _model_and_optimizer("reference")
     assert optimizer.add_constraint("small", kind="indexed", num_constraints=TRACK_FROM - 1).touched is None
