@@ -63,8 +63,9 @@ def summarize(args: argparse.Namespace, problem: Problem, results: list[RunResul
         "smallest_constrained_group_test": int(sizes_test[keep].min()),
         "groups_with_slack": int(((torch.as_tensor(problem.epsilon) > args.epsilon) & keep).sum()),
         "bounds": problem.epsilon.tolist() if isinstance(problem.epsilon, torch.Tensor) else problem.epsilon,
-        "test_groups_with_large_rows": int((keep & (sizes_test >= args.large_group_rows)).sum()),
+        "test_groups_with_large_rows": int(_large_test_groups(args, problem).sum()),
         "unconstrained_rate_shift_large_groups": _unconstrained_rate_shift(args, problem, results),
+        "target_test_violation_large_groups": TARGET_TEST_VIOLATION_LARGE,
         "chance_test_target_at_bound": _chance_test_target_at_bound(args, problem, lagrangian),
         "primal_rows": len(problem.y_train) if problem.primal_rows is None else int(problem.primal_rows.numel()),
         "constraint_rows": len(problem.y_train) if problem.constraint_rows is None else int(
@@ -73,6 +74,11 @@ def summarize(args: argparse.Namespace, problem: Problem, results: list[RunResul
     }
     summary["targets"] = _targets(summary, lagrangian, early)
     return summary
+
+
+def _large_test_groups(args: argparse.Namespace, problem: Problem) -> torch.Tensor:
+    """The constrained groups with >= large_group_rows test rows: the ones whose test rates mean something."""
+    return problem.constrained & (problem.sizes_test >= args.large_group_rows)
 
 
 def _unconstrained_rate_shift(args: argparse.Namespace, problem: Problem, results: list[RunResult]) -> Optional[float]:
@@ -87,7 +93,7 @@ def _unconstrained_rate_shift(args: argparse.Namespace, problem: Problem, result
     rates = unconstrained.rates
     shift = ((torch.tensor(rates["test"]) - rates["overall_test"])
              - (torch.tensor(rates["train"]) - rates["overall_train"])).abs()
-    large = problem.constrained & (problem.sizes_test >= args.large_group_rows)
+    large = _large_test_groups(args, problem)
     return float(shift[large].max()) if bool(large.any()) else None
 
 
@@ -107,7 +113,7 @@ def _chance_test_target_at_bound(args: argparse.Namespace, problem: Problem, lag
     """How likely a model whose large groups' true rates all sit exactly at the bound (overall + epsilon) shows a
     test max violation <= TARGET_TEST_VIOLATION_LARGE over those groups, from the test split's sampling alone
     (overall test rate taken as fixed).  Demographic parity only."""
-    large = problem.constrained & (problem.sizes_test >= args.large_group_rows)
+    large = _large_test_groups(args, problem)
     if args.constraint != "dp" or not bool(large.any()):
         return None
     rate = lagrangian.rates["overall_test"] + args.epsilon

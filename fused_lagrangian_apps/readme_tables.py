@@ -55,16 +55,19 @@ def render(report: dict) -> str:
                   f"{row['last_iterate_train_tightest_excess']:+.3f} from ε."
                   for row in summary["sensitivity"] if row["dual_lr_scale"] != 1.0),
     ]
+    noise = []
     shift = summary.get("unconstrained_rate_shift_large_groups")
     if shift is not None:
-        lines += ["", f"Sampling noise of the test split: in the groups with ≥ {large} test rows, the unconstrained "
-                      f"model's rate minus the overall rate moves by up to {shift:.3f} between train and test "
-                      "(a model not fitted to the constraints: the shift is the splits' noise)."]
+        noise.append(f"Sampling noise of the test split: in the groups with ≥ {large} test rows, the unconstrained "
+                     f"model's rate minus the overall rate moves by up to {shift:.3f} between train and test "
+                     "(a model not fitted to the constraints: the shift is the splits' noise).")
     chance = summary.get("chance_test_target_at_bound")
     if chance is not None:
-        lines[-1] += (f" A model whose groups with ≥ {large} test rows all sit exactly at the bound (overall + ε) "
-                      f"would show a test max violation ≤ 0.02 over them with probability {chance:.2f}, from the "
-                      "test split's sampling alone.")
+        noise.append(f"A model whose groups with ≥ {large} test rows all sit exactly at the bound (overall + ε) "
+                     f"would show a test max violation ≤ {summary['target_test_violation_large_groups']:g} over "
+                     f"them with probability {chance:.2f}, from the test split's sampling alone.")
+    if noise:
+        lines += ["", " ".join(noise)]
     return "\n".join(lines)
 
 
