@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 def plot_training(results: list["RunResult"], args: "argparse.Namespace", path: Path) -> Path:
     """Max train violation of every run, and the Lagrangian run's multipliers, over training."""
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
-    penalties = [r for r in results if r.spec.formulation not in (None, "lagrangian")]
+    penalties = [r for r in results if r.spec.is_penalty]
     colors = plt.cm.viridis([i / max(1, len(penalties) - 1) for i in range(len(penalties))])
     for run, color in zip(penalties, colors):
         top.plot(run.history["step"], run.history["max_violation"], color=color, lw=1, alpha=0.8, label=run.spec.label)
@@ -80,6 +80,8 @@ def plot_tradeoff(results: list["RunResult"], args: "argparse.Namespace", path: 
                                   textcoords="offset points", color="crimson")
             elif run.spec.formulation is None:
                 axis.scatter(x, y, marker="x", s=60, color="grey", label="unconstrained")
+            elif run.spec.formulation == "thresholds":
+                axis.scatter(x, y, marker="D", s=50, color="tab:orange", label="group thresholds (post-processing)")
             else:
                 axis.scatter(x, y, marker="o", s=30, color="tab:blue",
                              label="penalty sweep" if run is _first_penalty(results) else None)
@@ -140,4 +142,4 @@ def plot_groups(groups: list[dict], args: "argparse.Namespace", path: Path) -> P
 
 
 def _first_penalty(results: list["RunResult"]):
-    return next((r for r in results if r.spec.formulation not in (None, "lagrangian")), None)
+    return next((r for r in results if r.spec.is_penalty), None)

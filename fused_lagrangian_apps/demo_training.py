@@ -16,14 +16,19 @@ from torch import Tensor, nn
 from fused_lagrangian import BestIterate, LagrangianAdamW, fairness
 
 from .demo_problem import Problem
+from .group_thresholds import fit_group_thresholds
 
 
 @dataclasses.dataclass
 class RunSpec:
     label: str
-    formulation: Optional[str]  # None: unconstrained
+    formulation: Optional[str]  # None: unconstrained; "thresholds": the post-processing baseline
     penalty: float = 0.0
     dual_lr_scale: float = 1.0  # the sensitivity runs: the same Lagrangian run with dual_lr times this
+
+    @property
+    def is_penalty(self) -> bool:
+        return self.formulation in ("quadratic", "penalty")
 
 
 @dataclasses.dataclass
@@ -40,12 +45,13 @@ class RunResult:
     rates: dict  # per group hard positive rates of the selected model, train and test
     best_feasible_anywhere: Optional[dict]  # the most accurate train-feasible iterate of the whole run
     max_violation_second_half: float  # the largest train max violation evaluated after half of the steps
+    model: Optional[nn.Module] = dataclasses.field(default=None, repr=False)  # the returned iterate
 
     def to_json(self) -> dict:
         return {
             "label": self.spec.label,
             "formulation": self.spec.formulation or "unconstrained",
-            "penalty": self.spec.penalty if self.spec.formulation in ("quadratic", "penalty") else None,
+            "penalty": self.spec.penalty if self.spec.is_penalty else None,
             "dual_lr_scale": self.spec.dual_lr_scale if self.spec.formulation == "lagrangian" else None,
             "selected_step": self.selected_step,
             "total_steps": self.total_steps,
@@ -228,11 +234,35 @@ def train_run(args: argparse.Namespace, problem: Problem, spec: RunSpec, progres
     with torch.no_grad():
         record(total_steps, model(x).squeeze(1))
     wall = time.perf_counter() - start
-    last_train, last_test = evaluate(args, problem, model)
+    last_train, last_test = evaluate(args, problem, *split_logits(problem, model))
     selected_step = selection.restore_best()
-    train, test = evaluate(args, problem, model) if selected_step != total_steps else (last_train, last_test)
+    logits = split_logits(problem, model)
+    train, test = evaluate(args, problem, *logits) if selected_step != total_steps else (last_train, last_test)
     return RunResult(spec, selected_step, total_steps, train, test, last_train, last_test, wall, history,
-                     _rates(problem, model), selection.anywhere, selection.max_violation_second_half)
+                     _rates(problem, *logits), selection.anywhere, selection.max_violation_second_half, model)
+
+
+def thresholds_run(args: argparse.Namespace, problem: Problem, unconstrained: Optional[RunResult]) -> RunResult:
+    """The post-processing baseline: the unconstrained model (``unconstrained``'s, else trained here) with
+    per-group thresholds fitted to the training rows (``group_thresholds``).  Its wall time counts both."""
+    if unconstrained is None:
+        unconstrained = train_run(args, problem, RunSpec("unconstrained", None), progress=False)
+    start = time.perf_counter()
+    train_logits, test_logits = split_logits(problem, unconstrained.model)
+    fit = fit_group_thresholds(train_logits, problem.y_train, problem.g_train, problem.num_groups,
+                               problem.epsilon, problem.constrained, args.constraint, args.tolerance)
+    train_logits, test_logits = fit.shift(train_logits, problem.g_train), fit.shift(test_logits, problem.g_test)
+    train, test = evaluate(args, problem, train_logits, test_logits)
+    wall = unconstrained.wall_s + time.perf_counter() - start
+    steps = unconstrained.total_steps
+    return RunResult(RunSpec("group thresholds", "thresholds"), steps, steps, train, test, train, test, wall,
+                     {"step": [], "accuracy": [], "max_violation": [], "multipliers": []},
+                     _rates(problem, train_logits, test_logits), None, train["max_violation"])
+
+
+@torch.no_grad()
+def split_logits(problem: Problem, model: nn.Module) -> tuple[Tensor, Tensor]:
+    return model(problem.x_train).squeeze(1), model(problem.x_test).squeeze(1)
 
 
 class _Selection:
@@ -290,9 +320,9 @@ def _train_score(args: argparse.Namespace, problem: Problem, logits: Tensor) -> 
 
 
 @torch.no_grad()
-def evaluate(args: argparse.Namespace, problem: Problem, model: nn.Module) -> tuple[dict, dict]:
-    def split(x: Tensor, y: Tensor, g: Tensor) -> dict:
-        logits = model(x).squeeze(1)
+def evaluate(args: argparse.Namespace, problem: Problem, train_logits: Tensor,
+             test_logits: Tensor) -> tuple[dict, dict]:
+    def split(logits: Tensor, y: Tensor, g: Tensor) -> dict:
         metrics = fairness.fairness_metrics(logits, y, g, problem.num_groups, args.constraint, problem.epsilon,
                                             problem.constrained)
         metrics["feasible"] = metrics["max_violation"] <= args.tolerance
@@ -307,8 +337,8 @@ def evaluate(args: argparse.Namespace, problem: Problem, model: nn.Module) -> tu
         metrics["groups_outside_bound_by_interval"] = _groups_outside_by_interval(args, problem, logits, y, g)
         return metrics
 
-    return (split(problem.x_train, problem.y_train, problem.g_train),
-            split(problem.x_test, problem.y_test, problem.g_test))
+    return (split(train_logits, problem.y_train, problem.g_train),
+            split(test_logits, problem.y_test, problem.g_test))
 
 
 def _tightest_excess(args: argparse.Namespace, problem: Problem, logits: Tensor, y: Tensor, g: Tensor) -> float:
@@ -336,10 +366,8 @@ def _groups_outside_by_interval(args: argparse.Namespace, problem: Problem, logi
     return int((outside & problem.constrained).sum())
 
 
-@torch.no_grad()
-def _rates(problem: Problem, model: nn.Module) -> dict:
-    predictions = {split: (model(x).squeeze(1) > 0).float() for split, x in (("train", problem.x_train),
-                                                                             ("test", problem.x_test))}
+def _rates(problem: Problem, train_logits: Tensor, test_logits: Tensor) -> dict:
+    predictions = {"train": (train_logits > 0).float(), "test": (test_logits > 0).float()}
     groups = {"train": problem.g_train, "test": problem.g_test}
     rates = {split: fairness.group_rates(p, groups[split], problem.num_groups).tolist()
              for split, p in predictions.items()}

@@ -29,7 +29,9 @@ def check_report(report, out, num_penalties, min_group_size=10, sensitivity=True
     lagrangian_runs = [r for r in runs if r["formulation"] == "lagrangian"]
     assert runs[0]["label"] == "unconstrained" and lagrangian_runs[0]["label"] == "lagrangian"
     assert [r["dual_lr_scale"] for r in lagrangian_runs] == ([1.0, 0.3, 3.0] if sensitivity else [1.0])
-    assert len(runs) == num_penalties + 1 + len(lagrangian_runs)
+    thresholds = [r for r in runs if r["formulation"] == "thresholds"]
+    assert len(thresholds) == (report["config"]["constraint"] != "group-loss" and not report["config"]["marginals"])
+    assert len(runs) == num_penalties + 1 + len(thresholds) + len(lagrangian_runs)
     for run in runs:
         for split in ("train", "test"):
             assert set(METRICS) <= set(run[split])
@@ -59,6 +61,11 @@ def check_report(report, out, num_penalties, min_group_size=10, sensitivity=True
     assert (best["accuracy"] if best else None) == max(feasible_accuracies, default=None)
     assert summary["least_violating_penalty"]["max_violation"] == min(r["train"]["max_violation"] for r in sweep)
     gap = summary["accuracy_gap_to_best_feasible_penalty"]
+    if thresholds:  # fitted on the training rows to hold every constraint there, when a choice can
+        assert thresholds[0]["train"]["feasible"]
+        assert summary["group_thresholds"]["test_accuracy"] == thresholds[0]["test"]["accuracy"]
+    else:
+        assert summary["group_thresholds"] is None
     assert summary["criterion_met"] == (lagrangian["feasible"] and (gap is None or gap <= 0.02))
     if report["config"]["constraint"] == "dp":
         check_intervals(report)
@@ -114,9 +121,10 @@ def test_adult_demographic_parity(tmp_path, capsys):
     assert "#CI out" in printed and "groups with >= 100 test rows:" in printed
 
 
-def test_two_dataset_scheme_overlapping_groups_and_minibatches(tmp_path):
+def test_two_dataset_scheme_overlapping_groups_and_minibatches(tmp_path, capsys):
     report, out = run_demo(tmp_path, "--held-out", "0.3", "--marginals", "race,sex", "--batch-size", "4096",
-                           "--epochs", "2", "--runs", "unconstrained,penalties,lagrangian", penalties="10")
+                           "--epochs", "2", "--runs", "unconstrained,penalties,thresholds,lagrangian", penalties="10")
+    assert "group thresholds: not run" in capsys.readouterr().out  # a row in three groups has no one threshold
     summary = check_report(report, out, num_penalties=1, sensitivity=False)
     assert summary["num_groups"] == 59 + 5 + 2  # intersections, races, sexes
     marginal = {g["group"]: g for g in report["groups"] if g["group"].startswith(("race=", "sex="))}
