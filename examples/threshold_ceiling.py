@@ -31,11 +31,11 @@ def test_metrics(args, problem, logits, fit) -> tuple[float, float, float]:
     """Test accuracy, max violation over the constrained groups (their bounds) and over those with
     >= large_group_rows test rows (epsilon), as the demo reports them."""
     shifted = fit.shift(logits, problem.g_test)
-    large = problem.constrained & (problem.sizes_test >= args.large_group_rows)
+    large_groups = problem.constrained & (problem.sizes_test >= args.large_group_rows)
     every = fairness.fairness_metrics(shifted, problem.y_test, problem.g_test, problem.num_groups,
                                       args.constraint, problem.epsilon, problem.constrained)
     large = fairness.fairness_metrics(shifted, problem.y_test, problem.g_test, problem.num_groups,
-                                      args.constraint, args.epsilon, large)
+                                      args.constraint, args.epsilon, large_groups)
     return every["accuracy"], every["max_violation"], large["max_violation"]
 
 
