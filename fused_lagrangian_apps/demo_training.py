@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fused_lagrangian import BestIterate, LagrangianAdamW, fairness
+from fused_lagrangian import BestIterate, DualLearningRates, LagrangianAdamW, fairness
 
 from .demo_problem import Problem
 from .group_thresholds import fit_group_thresholds
@@ -175,6 +175,19 @@ class CosineThenHold:
         return self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+class DualWarmup:
+    """dual_lr factor at step t: 0 for the first ``fraction`` of ``total_steps``, then 1.  The multipliers stay
+    at their initial value while the model first learns to predict: early in training a model predicts almost
+    nobody positive, which satisfies every parity constraint, and with many small groups (whose terms, means
+    over a few rows, outweigh the loss row by row) a run that starts constraining there can stay there."""
+
+    def __init__(self, total_steps: int, fraction: float) -> None:
+        self.warm_steps = math.floor(fraction * total_steps)
+
+    def __call__(self, step: int) -> float:
+        return 0.0 if step < self.warm_steps else 1.0
+
+
 def train_run(args: argparse.Namespace, problem: Problem, spec: RunSpec, progress: bool,
               counter: str = "") -> RunResult:
     from tqdm import tqdm
@@ -190,6 +203,10 @@ def train_run(args: argparse.Namespace, problem: Problem, spec: RunSpec, progres
                                                                       args.final_lr_fraction))
                 if args.lr_schedule == "cosine" else None)
     term, blocks = (None, []) if spec.formulation is None else constraint_term(args, problem, opt, spec)
+    # The library's dual-lr schedules: a torch LambdaLR over the blocks' dual learning rates.
+    dual_schedule = (torch.optim.lr_scheduler.LambdaLR(DualLearningRates(opt),
+                                                       DualWarmup(total_steps, args.dual_warmup))
+                     if spec.formulation == "lagrangian" and args.dual_warmup > 0 else None)
     selection = _Selection(args, problem, model, total_steps, enabled=term is not None)
     batches = (None if args.batch_size is None else
                _Batches(fit_rows, problem.constraint_rows if held_out else None, args.batch_size, args.seed))
@@ -231,6 +248,8 @@ def train_run(args: argparse.Namespace, problem: Problem, spec: RunSpec, progres
         opt.zero_grad()
         if schedule is not None:
             schedule.step()
+        if dual_schedule is not None:
+            dual_schedule.step()
     with torch.no_grad():
         record(total_steps, model(x).squeeze(1))
     wall = time.perf_counter() - start

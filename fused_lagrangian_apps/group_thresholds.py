@@ -89,6 +89,8 @@ def fit_group_thresholds(logits: Tensor, labels: Tensor, group_ids: Tensor, num_
     groups = [_Group.of(scores[ids == k], positive[ids == k], constraint) for k in range(num_groups)]
     held = [k for k in range(num_groups) if bool(constrained[k]) and groups[k].population > 0]
     population = sum(group.population for group in groups)
+    if population == 0:
+        raise ValueError("no row is in the rate's population (eo: no label-1 row): there is no rate to hold")
 
     best = None
     for rate in np.linspace(0.0, 1.0, 401) if targets is None else targets:

@@ -164,7 +164,8 @@ def test_bad_options_are_rejected():
     for argv in (["--groups", "race,height"], ["--penalties", "1,x"], ["--penalties", "-1"], ["--epochs", "0"],
                  ["--runs", "penalties"], ["--held-out", "1"], ["--batch-size", "0"], ["--marginals", "height"],
                  ["--constraint", "group-loss", "--held-out", "0.3"], ["--augmented", "-1"],
-                 ["--anneal-fraction", "0"], ["--anneal-fraction", "1.5"]):
+                 ["--anneal-fraction", "0"], ["--anneal-fraction", "1.5"], ["--dual-warmup", "1"],
+                 ["--dual-warmup", "-0.1"]):
         with pytest.raises(SystemExit):
             demo.parse_args(argv)
 
@@ -195,6 +196,29 @@ def test_lr_schedule_anneals_over_its_fraction_then_holds():
     assert [schedule(step) for step in (50, 75, 99)] == pytest.approx([0.01] * 3)
     whole_run = CosineThenHold(total_steps=100, fraction=1.0, floor=0.0)
     assert whole_run(50) == pytest.approx(0.5) and whole_run(100) == pytest.approx(0.0)
+
+
+def test_dual_warmup_holds_the_multipliers_then_lets_them_move():
+    """--dual-warmup 0.5 of 60 full-batch steps: the multipliers recorded before each step stay exactly at their
+    init (0) through step 30 (the updates of steps 0-29 ran with dual_lr 0) although constraints are violated
+    from about step 15, and move with the first update after it; without the warm-up they move before step 30."""
+    import torch
+
+    from fused_lagrangian_apps.demo_problem import load_problem
+    from fused_lagrangian_apps.demo_training import DualWarmup, RunSpec, train_run
+
+    assert [DualWarmup(20, 0.5)(step) for step in (0, 9, 10, 19)] == [0.0, 0.0, 1.0, 1.0]
+    assert DualWarmup(20, 0.0)(0) == 1.0
+    moved = {}
+    for warmup in ("0.5", "0"):
+        args = demo.parse_args(["--epochs", "60", "--record-every", "1", "--dual-warmup", warmup])
+        result = train_run(args, load_problem(args), RunSpec("lagrangian", "lagrangian"), progress=False)
+        assert result.history["step"][:32] == list(range(32))
+        assert max(result.history["max_violation"][:31]) > 0.05  # there is something to push against
+        moved[warmup] = [bool(torch.tensor([v for block in record for v in block]).gt(0).any())
+                         for record in result.history["multipliers"]]
+    assert not any(moved["0.5"][:31]) and moved["0.5"][31]
+    assert any(moved["0"][:31])
 
 
 @pytest.mark.parametrize("constraint", ["dp", "group-loss"])

@@ -109,6 +109,8 @@ def test_rejects_what_thresholds_cannot_hold():
         fit_group_thresholds(logits, labels, group_ids, 4, 0.1, keep, "group-loss")
     with pytest.raises(ValueError, match="one group per row"):
         fit_group_thresholds(logits, labels, torch.stack([group_ids, group_ids], 1), 4, 0.1, keep)
+    with pytest.raises(ValueError, match="no label-1 row"):
+        fit_group_thresholds(logits, torch.zeros_like(labels), group_ids, 4, 0.1, keep, "eo")
 
 
 README = Path(__file__).resolve().parents[2] / "README.md"
