@@ -23,11 +23,10 @@ import torch
 from fused_lagrangian import fairness
 from fused_lagrangian_apps.demo import parse_args, thresholds_apply
 from fused_lagrangian_apps.demo_problem import load_problem
-from fused_lagrangian_apps.demo_training import RunSpec, split_logits, train_run
-from fused_lagrangian_apps.group_thresholds import fit_group_thresholds
+from fused_lagrangian_apps.demo_training import RunSpec, fit_thresholds, split_logits, train_run
 
 
-def test_metrics(args, problem, logits, fit) -> tuple[float, float, float]:
+def metrics_on_test(args, problem, logits, fit) -> tuple[float, float, float]:
     """Test accuracy, max violation over the constrained groups (their bounds) and over those with
     >= large_group_rows test rows (epsilon), as the demo reports them."""
     shifted = fit.shift(logits, problem.g_test)
@@ -48,16 +47,14 @@ def main(argv: list[str]) -> int:
     problem = load_problem(args)
     model = train_run(args, problem, RunSpec("unconstrained", None), progress=False).model
     train_logits, test_logits = split_logits(problem, model)
-    fit_train = fit_group_thresholds(train_logits, problem.y_train, problem.g_train, problem.num_groups,
-                                     problem.epsilon, problem.constrained, args.constraint, args.tolerance)
+    fit_train = fit_thresholds(args, problem, train_logits, problem.y_train, problem.g_train)
     # On test: the constraints of training (every constrained group to its own bound) on the test rows.
-    fit_test = fit_group_thresholds(test_logits, problem.y_test, problem.g_test, problem.num_groups,
-                                    problem.epsilon, problem.constrained, args.constraint, args.tolerance)
+    fit_test = fit_thresholds(args, problem, test_logits, problem.y_test, problem.g_test)
     print(f"{problem.name}: {problem.num_groups} groups, {int(problem.constrained.sum())} constrained, "
           f"epsilon {args.epsilon}")
-    for name, fit, logits in (("fitted on train (the demo's baseline)", fit_train, test_logits),
-                              ("fitted on test, with its labels (a ceiling)", fit_test, test_logits)):
-        accuracy, violation, large = test_metrics(args, problem, logits, fit)
+    for name, fit in (("fitted on train (the demo's baseline)", fit_train),
+                      ("fitted on test, with its labels (a ceiling)", fit_test)):
+        accuracy, violation, large = metrics_on_test(args, problem, test_logits, fit)
         print(f"  group thresholds {name}: test accuracy {accuracy:.4f}, test max violation {violation:.4f} "
               f"(groups with >= {args.large_group_rows} test rows: {large:.4f})")
     return 0

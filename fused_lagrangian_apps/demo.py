@@ -152,7 +152,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="the report's 'viol>=N' column only counts groups with at least N rows in the split")
     parser.add_argument("--hidden", type=int, default=32, help="hidden units of the MLP")
     parser.add_argument("--lr", type=float, default=None,
-                        help="AdamW learning rate (None: 0.01 full batch, 0.003 with --batch-size; see 'Learning "
+                        help="AdamW learning rate (None: 0.005 full batch, 0.003 with --batch-size; see 'Learning "
                              "rates' above)")
     parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW (decoupled) weight decay")
     parser.add_argument("--dual-lr", type=float, default=5e-2, help="multiplier learning rate")

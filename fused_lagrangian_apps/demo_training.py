@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from fused_lagrangian import BestIterate, DualLearningRates, LagrangianAdamW, fairness
 
 from .demo_problem import Problem
-from .group_thresholds import fit_group_thresholds
+from .group_thresholds import GroupThresholds, fit_group_thresholds
 
 
 @dataclasses.dataclass
@@ -253,10 +253,12 @@ def train_run(args: argparse.Namespace, problem: Problem, spec: RunSpec, progres
     with torch.no_grad():
         record(total_steps, model(x).squeeze(1))
     wall = time.perf_counter() - start
-    last_train, last_test = evaluate(args, problem, *split_logits(problem, model))
-    selected_step = selection.restore_best()
     logits = split_logits(problem, model)
-    train, test = evaluate(args, problem, *logits) if selected_step != total_steps else (last_train, last_test)
+    last_train, last_test = train, test = evaluate(args, problem, *logits)
+    selected_step = selection.restore_best()
+    if selected_step != total_steps:  # an earlier iterate was loaded into the model
+        logits = split_logits(problem, model)
+        train, test = evaluate(args, problem, *logits)
     return RunResult(spec, selected_step, total_steps, train, test, last_train, last_test, wall, history,
                      _rates(problem, *logits), selection.anywhere, selection.max_violation_second_half, model)
 
@@ -268,8 +270,7 @@ def thresholds_run(args: argparse.Namespace, problem: Problem, unconstrained: Op
         unconstrained = train_run(args, problem, RunSpec("unconstrained", None), progress=False)
     start = time.perf_counter()
     train_logits, test_logits = split_logits(problem, unconstrained.model)
-    fit = fit_group_thresholds(train_logits, problem.y_train, problem.g_train, problem.num_groups,
-                               problem.epsilon, problem.constrained, args.constraint, args.tolerance)
+    fit = fit_thresholds(args, problem, train_logits, problem.y_train, problem.g_train)
     train_logits, test_logits = fit.shift(train_logits, problem.g_train), fit.shift(test_logits, problem.g_test)
     train, test = evaluate(args, problem, train_logits, test_logits)
     wall = unconstrained.wall_s + time.perf_counter() - start
@@ -277,6 +278,14 @@ def thresholds_run(args: argparse.Namespace, problem: Problem, unconstrained: Op
     return RunResult(RunSpec("group thresholds", "thresholds"), steps, steps, train, test, train, test, wall,
                      {"step": [], "accuracy": [], "max_violation": [], "multipliers": []},
                      _rates(problem, train_logits, test_logits), None, train["max_violation"])
+
+
+def fit_thresholds(args: argparse.Namespace, problem: Problem, logits: Tensor, labels: Tensor,
+                   group_ids: Tensor) -> GroupThresholds:
+    """Per-group thresholds on these rows under the problem's constraints (bounds, constrained groups) and the
+    run's tolerance."""
+    return fit_group_thresholds(logits, labels, group_ids, problem.num_groups, problem.epsilon, problem.constrained,
+                                args.constraint, args.tolerance)
 
 
 @torch.no_grad()
